@@ -1,0 +1,296 @@
+"""ERPD stage 1: extract an "extreme region" teacher pi_T from a fixed set of rollouts.
+
+    D = {(x, y_1..y_G)}: G samples per prompt from the base pi_0, rewards r in {0, 1} (verifier),
+    group advantage A = r - mean_G(r)                                    (optionally / std)
+    rho_t = pi_theta(y_t | s_t) / pi_0(y_t | s_t),  log rho clamped to [-20, 20]
+
+    --teacher-loss ppo   -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)   eps_high = 10: weak
+                   sapo  -(4 / tau) sigmoid(tau (rho - 1)) A,  tau = 1 (A > 0), 1.05 (A < 0)
+                   ce    -A log pi_theta(y_t | s_t)
+                   mse   (beta sum_t log rho_t - A)^2                           per sequence
+    loss = sum over the global batch's tokens / its token count (mse: over sequences)
+           + kl_coef * KL(pi_theta || pi_0)   (value k3, gradient k2: unbiased)
+
+Many epochs (default 20) over the same D with a weak constraint: fast early gains, then drift
+and entropy collapse: the curves in metrics.jsonl. `--unlearn` also trains pi_U from pi_0 on -A.
+Writes OUT/rollouts/ (D, reusable with --rollouts), OUT/teacher/ (save_pretrained),
+OUT/shards/ (per rank: token ids, rewards, advantages, log pi_0, log pi_T [, log pi_U] of every
+sampled token + manifest.json) and OUT/metrics.jsonl.
+
+    python erpd_stage1.py                                  # embedded tiny default, CPU, ~2 min
+    torchrun --nproc_per_node 8 erpd_stage1.py --model Qwen/Qwen2.5-Math-1.5B-Instruct \\
+        --data openai/gsm8k:main --dtype bfloat16 --num-prompts 1000 --samples-per-prompt 16 \\
+        --max-new-tokens 1024 --lr 1e-6 --batch-size 512 --micro-batch 8 --out runs/r1/stage1
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from common import (
+    load_checkpoint, save_checkpoint,
+    DEFAULT_MODEL, DEFAULT_TEST_DATA, DEFAULT_TRAIN_DATA, InputError, JsonlLogger, all_gather_objects,
+    atomic_write_text, ce_loss, encode_problems, group_advantages, init_distributed, kl_penalty, load_model,
+    load_problems, model_fingerprint, drift_metrics, heldout_accuracy, mse_loss, my_micro_batches, global_batches, pad_rows,
+    ppo_clip_loss, rollout_health, rollouts_to_shard, run_main, sample_and_score, sapo_loss,
+    score_rollouts, set_seed, tokenizer_fingerprint, train_epoch, warn_if_no_signal, write_shard,
+    save_pretrained_atomic, SHARD_FORMAT_VERSION, log_ratio)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # model and data
+    p.add_argument("--model", default=DEFAULT_MODEL, help="HF folder or hub id of the base pi_0")
+    p.add_argument("--data", default=DEFAULT_TRAIN_DATA, help="jsonl / parquet / hub id[:config]")
+    p.add_argument("--split", default="train")
+    p.add_argument("--eval-data", default=DEFAULT_TEST_DATA, help="held-out problems for accuracy curves")
+    p.add_argument("--eval-split", default="test")
+    p.add_argument("--rollouts", default=None, help="reuse D from a previous stage-1 OUT (or OUT/rollouts)")
+    p.add_argument("--out", default="runs/stage1")
+    p.add_argument("--system-prompt", default=None)
+    p.add_argument("--max-prompt-len", type=int, default=1024)
+    p.add_argument("--long-prompts", choices=["skip", "error"], default="skip")
+    # sampling D
+    p.add_argument("--num-prompts", type=int, default=128)
+    p.add_argument("--samples-per-prompt", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling and scoring temperature")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--sample-batch-size", type=int, default=128)
+    # teacher optimisation
+    p.add_argument("--teacher-loss", choices=["ppo", "sapo", "ce", "mse"], default="sapo")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=128, help="rollouts per optimizer step (global)")
+    p.add_argument("--micro-batch", type=int, default=64, help="rollouts per forward (per rank)")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--adv-std-norm", action="store_true", help="A = (r - mean) / (std + 1e-6)")
+    p.add_argument("--eps-low", type=float, default=0.2)
+    p.add_argument("--eps-high", type=float, default=10.0)
+    p.add_argument("--sapo-tau-pos", type=float, default=1.0)
+    p.add_argument("--sapo-tau-neg", type=float, default=1.05)
+    p.add_argument("--mse-beta", type=float, default=0.1)
+    p.add_argument("--kl-coef", type=float, default=0.0)
+    p.add_argument("--unlearn", action="store_true", help="also train pi_U from pi_0 on -A")
+    # diagnostics
+    p.add_argument("--eval-every", type=int, default=5, help="held-out accuracy every k epochs (0: off)")
+    p.add_argument("--eval-prompts", type=int, default=100)
+    p.add_argument("--eval-samples", type=int, default=4)
+    p.add_argument("--kl-rollouts", type=int, default=256, help="rollouts of D for the exact-KL curve")
+    # system
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--attn-implementation", default="sdpa")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--dist-timeout-minutes", type=float, default=30.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every k steps (and every epoch end)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT's rollouts and checkpoints")
+    return p.parse_args(argv)
+
+
+def teacher_loss_fn(args, rollouts, base_logp, sign):
+    """The chosen stage-1 loss on a micro-batch, normalised by the global batch's counts."""
+    def loss_fn(indices, packed, logp, counts):
+        mask = packed["mask"]
+        old = pad_rows([base_logp[i] for i in indices], logp.device)
+        seq_adv = torch.tensor([sign * rollouts[i]["advantage"] for i in indices], device=logp.device)
+        adv = seq_adv[:, None].expand_as(logp)
+        clipped = torch.zeros_like(mask)
+        if args.teacher_loss == "mse":
+            loss = mse_loss(logp, old, mask, seq_adv, args.mse_beta).sum() / counts["seqs"]
+        else:
+            if args.teacher_loss == "ppo":
+                per_token, clipped = ppo_clip_loss(logp, old, adv, args.eps_low, args.eps_high)
+            elif args.teacher_loss == "sapo":
+                per_token = sapo_loss(logp, old, adv, args.sapo_tau_pos, args.sapo_tau_neg)
+            else:
+                per_token = ce_loss(logp, adv)
+            loss = (per_token * mask).sum() / counts["tokens"]
+        if args.kl_coef:
+            loss = loss + args.kl_coef * (kl_penalty(logp, old) * mask).sum() / counts["tokens"]
+        lr = log_ratio(logp.detach(), old) * mask
+        return loss, {"tokens": mask.sum(), "clipped": (clipped & mask).sum(),
+                      "abs_log_ratio": lr.abs().sum()}
+    return loss_fn
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ctx = init_distributed(args.dist_timeout_minutes)
+    set_seed(args.seed)
+    out = Path(args.out)
+    log = JsonlLogger(out / "metrics.jsonl", enabled=ctx.is_main, append=args.resume)
+    log.log(event="config", world_size=ctx.world, **vars(args))
+    load = dict(dtype=args.dtype, device=ctx.device, attn_implementation=args.attn_implementation,
+                trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_model(args.model, gradient_checkpointing=args.gradient_checkpointing, **load)
+    base, _ = load_model(args.model, **load)  # frozen pi_0: exact-KL curves and the start of pi_U
+    base.requires_grad_(False).eval()
+    fingerprints = {"base_fingerprint": model_fingerprint(base), "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)}
+    temperature = args.temperature if args.temperature > 0 else 1.0
+    pad_id = tokenizer.pad_token_id
+
+    # ---- 1. the fixed data D: sample from pi_0 (or reuse), score, group advantages --------------
+    if args.resume and (out / "rollouts" / "meta.json").is_file():
+        args.rollouts = str(out / "rollouts")  # D was sampled before the interruption
+    if args.rollouts:
+        rollouts, group_size = read_rollouts(args.rollouts, fingerprints)
+    else:
+        problems = load_problems(args.data, args.split, num=args.num_prompts, seed=args.seed)
+        problems = encode_problems(tokenizer, problems, args.max_prompt_len, args.data,
+                                   args.system_prompt, args.long_prompts)
+        rollouts = sample_and_score(model, tokenizer, problems, args.samples_per_prompt, ctx=ctx,
+                                    seed=args.seed, max_new_tokens=args.max_new_tokens,
+                                    temperature=args.temperature, top_p=args.top_p,
+                                    batch_size=args.sample_batch_size, desc="sampling D")
+        group_size = args.samples_per_prompt
+        answers = {p["index"]: p for p in problems}
+        if ctx.is_main:
+            write_rollouts(out / "rollouts", rollouts, answers, fingerprints, args)
+        if ctx.world > 1:
+            torch.distributed.barrier()
+    rewards = torch.tensor([r["reward"] for r in rollouts]).view(-1, group_size)
+    for r, a in zip(rollouts, group_advantages(rewards, args.adv_std_norm).view(-1).tolist()):
+        r["advantage"] = a
+    health = rollout_health(rollouts, group_size)
+    if ctx.is_main:
+        warn_if_no_signal(health, "stage-1 rollouts")
+        print(f"D: {len(rollouts)} rollouts, accuracy {health['accuracy']:.3f}, "
+              f"groups with signal {health['groups_with_signal']:.2f}, truncated {health['truncated']:.2f}")
+    log.log(event="rollouts", num_rollouts=len(rollouts), **health)
+
+    # ---- 2. log pi_0 of every sampled token, with the training forward in epoch 0's layout -----
+    layout = [mb for b in global_batches(len(rollouts), args.batch_size, args.seed, 0)
+              for mb in my_micro_batches(b, ctx, args.micro_batch)]
+    base_logp = [s["logp"] for s in score_rollouts(model, rollouts, layout, pad_id=pad_id,
+                                                   temperature=temperature, ctx=ctx, desc="log pi_0")]
+    eval_problems = None
+    if args.eval_every:
+        eval_problems = encode_problems(tokenizer, load_problems(args.eval_data, args.eval_split,
+                                                                 num=args.eval_prompts, seed=args.seed),
+                                        args.max_prompt_len, args.eval_data, args.system_prompt)
+    kl_subset = torch.randperm(len(rollouts), generator=torch.Generator().manual_seed(args.seed))
+    kl_subset = kl_subset[:args.kl_rollouts].tolist()
+
+    def diagnostics(policy, epoch):
+        """Exact token KL(policy || pi_0) and entropy on D's states; held-out accuracy every k epochs."""
+        metrics = drift_metrics(policy, rollouts, kl_subset, ctx=ctx, pad_id=pad_id, temperature=temperature,
+                                micro_batch=args.micro_batch, ref_model=base)
+        if eval_problems and (epoch % args.eval_every == 0 or epoch == args.epochs):
+            metrics["heldout_accuracy"] = heldout_accuracy(
+                policy, tokenizer, eval_problems, args.eval_samples, ctx=ctx, seed=args.seed + 1,
+                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                batch_size=args.sample_batch_size)
+        return metrics
+
+    # ---- 3. many epochs of weakly constrained off-policy optimisation on D ---------------------
+    def train(policy, sign, tag):
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        loss_fn = teacher_loss_fn(args, rollouts, base_logp, sign)
+        checkpoint = out / f"checkpoint-{tag}"
+        state = load_checkpoint(checkpoint, policy, optimizer) if args.resume else None
+        state = state or {"epoch": 1, "step": 0, "totals": {}}
+        if state["epoch"] == 1 and state["step"] == 0:
+            log.log(event="epoch", model=tag, epoch=0, **diagnostics(policy, 0))
+        for epoch in range(state["epoch"], args.epochs + 1):
+            def on_step(step, totals):
+                if args.save_every and step % args.save_every == 0:
+                    save_checkpoint(checkpoint, policy, optimizer, {"epoch": epoch, "step": step, "totals": totals}, ctx)
+            stats = train_epoch(policy, optimizer, rollouts, loss_fn, epoch=epoch - 1, ctx=ctx, pad_id=pad_id,
+                                temperature=temperature, batch_size=args.batch_size,
+                                micro_batch=args.micro_batch, seed=args.seed, max_grad_norm=args.max_grad_norm,
+                                desc=f"{tag} epoch {epoch}/{args.epochs}", on_step=on_step,
+                                start_step=state["step"] if epoch == state["epoch"] else 0,
+                                totals=state["totals"] if epoch == state["epoch"] else None)
+            metrics = {"loss": stats["loss"], "grad_norm": stats["grad_norm"],
+                       "clip_fraction": stats["clipped"] / stats["tokens"],
+                       "mean_abs_log_ratio": stats["abs_log_ratio"] / stats["tokens"],
+                       **diagnostics(policy, epoch)}
+            log.log(event="epoch", model=tag, epoch=epoch, **metrics)
+            if ctx.is_main:
+                print(f"[{tag}] epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            save_checkpoint(checkpoint, policy, optimizer, {"epoch": epoch + 1, "step": 0, "totals": {}}, ctx)
+
+    train(model, +1.0, "teacher")
+    signals = {"logp_base": base_logp,
+               "logp_teacher": [s["logp"] for s in score_rollouts(model, rollouts, layout, pad_id=pad_id,
+                                                                        temperature=temperature, ctx=ctx,
+                                                                        desc="log pi_T")]}
+    if ctx.is_main:
+        save_pretrained_atomic(model, tokenizer, out / "teacher", {"stage": 1, **fingerprints})
+    if args.unlearn:
+        del model
+        unlearned, _ = load_model(args.model, gradient_checkpointing=args.gradient_checkpointing, **load)
+        train(unlearned, -1.0, "unlearned")
+        signals["logp_unlearned"] = [s["logp"] for s in score_rollouts(
+            unlearned, rollouts, layout, pad_id=pad_id, temperature=temperature, ctx=ctx, desc="log pi_U")]
+        if ctx.is_main:
+            save_pretrained_atomic(unlearned, tokenizer, out / "unlearned", {"stage": 1, **fingerprints})
+
+    # ---- 4. shards: this rank writes rollouts[rank::world]; rank 0 writes the manifest ----------
+    mine = list(range(ctx.rank, len(rollouts), ctx.world))
+    shard_name = f"rank{ctx.rank:05d}-of-{ctx.world:05d}.safetensors"
+    tensors = rollouts_to_shard([rollouts[i] for i in mine],
+                                {k: [v[i] for i in mine] for k, v in signals.items()})
+    digest = write_shard(out / "shards" / shard_name, tensors)
+    entries = all_gather_objects({"file": shard_name, "rows": len(mine), "sha256": digest}, ctx)
+    if ctx.is_main:
+        manifest = {"format_version": SHARD_FORMAT_VERSION, **fingerprints, "base_model": args.model,
+                    "temperature": temperature, "samples_per_prompt": group_size,
+                    "num_rows": len(rollouts), "signals": sorted(signals), "shards": entries,
+                    "config": vars(args), "world_size": ctx.world}
+        atomic_write_text(out / "shards" / "manifest.json", json.dumps(manifest, indent=1))
+        print(f"wrote {out}/teacher and {len(entries)} shard(s) with {len(rollouts)} rollouts to {out}/shards")
+    log.log(event="done")
+
+
+def write_rollouts(directory: Path, rollouts, problems, fingerprints, args):
+    """D as JSON lines (token ids, text, reward) plus meta.json: reusable with --rollouts."""
+    lines = [json.dumps({"prompt_index": r["prompt_index"], "sample_index": r["sample_index"],
+                         "prompt": problems[r["prompt_index"]]["prompt"],
+                         "answer": problems[r["prompt_index"]]["answer"], "response": r["text"],
+                         "reward": r["reward"], "truncated": r["truncated"],
+                         "prompt_ids": r["prompt_ids"], "response_ids": r["response_ids"]})
+             for r in rollouts]
+    atomic_write_text(directory / "rollouts.jsonl", "\n".join(lines) + "\n")
+    meta = {**fingerprints, "samples_per_prompt": args.samples_per_prompt, "num_rows": len(rollouts),
+            "temperature": args.temperature, "data": args.data, "model": args.model}
+    atomic_write_text(directory / "meta.json", json.dumps(meta, indent=1))
+
+
+def read_rollouts(source: str, fingerprints: dict):
+    """Read D written by write_rollouts; refuse it if it came from another base or tokenizer."""
+    directory = Path(source)
+    if (directory / "rollouts").is_dir():
+        directory = directory / "rollouts"
+    meta_path, data_path = directory / "meta.json", directory / "rollouts.jsonl"
+    if not meta_path.is_file() or not data_path.is_file():
+        raise InputError(f"--rollouts {source}: expected meta.json and rollouts.jsonl in {directory}")
+    meta = json.loads(meta_path.read_text())
+    for key in ("base_fingerprint", "tokenizer_fingerprint"):
+        if meta.get(key) != fingerprints[key]:
+            raise InputError(f"{meta_path}: {key} {meta.get(key)} does not match --model ({fingerprints[key]}): "
+                             "these rollouts were sampled from another model")
+    rollouts = []
+    with open(data_path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            try:
+                row = json.loads(line)
+                rollouts.append({k: row[k] for k in ("prompt_index", "sample_index", "prompt_ids",
+                                                     "response_ids", "reward", "truncated")})
+            except (json.JSONDecodeError, KeyError) as err:
+                raise InputError(f"{data_path}:{line_no}: malformed rollout ({err})") from None
+    group = meta["samples_per_prompt"]
+    if len(rollouts) != meta["num_rows"] or len(rollouts) % group:
+        raise InputError(f"{data_path}: {len(rollouts)} rows, meta.json says {meta['num_rows']} "
+                         f"in groups of {group}")
+    rollouts.sort(key=lambda r: (r["prompt_index"], r["sample_index"]))
+    return rollouts, group
+
+
+if __name__ == "__main__":
+    run_main(main)
