@@ -591,7 +591,8 @@ def group_advantages(rewards: torch.Tensor, normalize_std: bool = False) -> torc
     adv = rewards - rewards.mean(-1, keepdim=True)
     if normalize_std:
         adv = adv / (rewards.std(-1, keepdim=True, unbiased=False) + 1e-6)
-    return adv
+    # exactly 0 for equal rewards: mean() rounding (e.g. 16 x 0.7) / tiny std must not become signal
+    return adv.masked_fill((rewards == rewards[..., :1]).all(-1, keepdim=True), 0.0)
 
 
 def log_ratio(logp: torch.Tensor, old_logp: torch.Tensor) -> torch.Tensor:

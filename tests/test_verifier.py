@@ -124,7 +124,9 @@ CASES = [
     ("\\boxed{1.41}", "\\sqrt2", False),
     ("\\boxed{3.14}", "\\pi", False),
     ("\\boxed{3.1416}", "\\pi", True),
-    ("\\boxed{5.000001}", "5", True),
+    ("\\boxed{5.000001}", "5", False),
+    ("\\boxed{0.30000000000000004}", "0.3", True),
+    ("\\boxed{1000000.5}", "1000000", False),
     ("\\boxed{5.001}", "5", False),
     ("\\boxed{2.9999}", "3", False),
     # --- constants, complex numbers, infinity ---------------------------------------------------
@@ -308,7 +310,7 @@ HUGE = [
 INJECTION = [
     "\\boxed{__import__('os').system('echo hi')}", "__import__('os').system('echo hi')",
     "\\boxed{lambda: 1}", "\\boxed{eval('1')}", "\\boxed{exec('import os')}", "\\boxed{().__class__}",
-    "\\boxed{open('/etc/passwd').read()}", "\\boxed{${1}$}", "\\boxed{\\input{/etc/passwd}}",
+    "\\boxed{open('/etc/passwd').read()}", "\\boxed{\\input{/etc/passwd}}",
     "\\boxed{Symbol('x')}", "\\boxed{sympify('1')}", "\\boxed{1; import os}",
 ]
 MALFORMED = [

@@ -1,0 +1,132 @@
+"""Nothing lost: SIGKILL + --resume gives the same weights; bad input gives one clear line, no traceback."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from test_pipeline import ROOT, run
+
+STAGE1 = ["--num-prompts", "8", "--samples-per-prompt", "4", "--max-new-tokens", "32", "--epochs", "6",
+          "--batch-size", "8", "--micro-batch", "4", "--eval-every", "0", "--kl-rollouts", "32",
+          "--save-every", "1", "--teacher-loss", "ppo"]
+STAGE2 = ["--epochs", "6", "--batch-size", "8", "--micro-batch", "4", "--eval-every", "0", "--kl-rollouts", "32",
+          "--save-every", "1"]
+
+
+def kill_after_first_checkpoint(script, args, checkpoint: Path):
+    """Start a stage, SIGKILL it once it has saved a mid-run checkpoint; return the state it had saved."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state_file = checkpoint / "state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if state_file.is_file():
+            try:
+                state = json.loads(state_file.read_text())
+            except (json.JSONDecodeError, OSError):  # mid-rename: look again
+                continue
+            if (state["epoch"], state["step"]) >= (2, 2):
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return state
+        time.sleep(0.01)
+    proc.kill()
+    pytest.fail("the run finished or stalled before it could be killed mid-way")
+
+
+def max_diff(a: Path, b: Path) -> float:
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    return max((wa[k] - wb[k]).abs().max().item() for k in wa)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    run("erpd_stage1.py", "--out", out / "s1", *STAGE1)
+    run("erpd_stage2.py", "--teacher", out / "s1", "--out", out / "s2", *STAGE2)
+    return out
+
+
+def test_stage1_killed_and_resumed_matches_uninterrupted(uninterrupted, tmp_path):
+    state = kill_after_first_checkpoint("erpd_stage1.py", ["--out", tmp_path, *STAGE1], tmp_path / "checkpoint-teacher")
+    assert not (tmp_path / "teacher").exists() and state["epoch"] <= 6
+    run("erpd_stage1.py", "--out", tmp_path, "--resume", *STAGE1)
+    assert max_diff(uninterrupted / "s1" / "teacher", tmp_path / "teacher") <= 1e-6
+    full = json.loads((uninterrupted / "s1" / "shards" / "manifest.json").read_text())
+    resumed = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert [s["sha256"] for s in full["shards"]] == [s["sha256"] for s in resumed["shards"]]
+
+
+def test_stage2_killed_and_resumed_matches_uninterrupted(uninterrupted, tmp_path):
+    args = ["--teacher", uninterrupted / "s1", "--out", tmp_path, *STAGE2]
+    kill_after_first_checkpoint("erpd_stage2.py", args, tmp_path / "checkpoint")
+    assert not (tmp_path / "student").exists()
+    run("erpd_stage2.py", "--resume", *args)
+    assert max_diff(uninterrupted / "s2" / "student", tmp_path / "student") <= 1e-6
+
+
+# ---- failure modes: exit code 2, one line naming the file and line / field, no traceback ---------
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def expect_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("content, fragments", [
+    ("", ["is empty"]),
+    ('{"prompt": "1+1", "answer": "2"}\n{"prompt": "2+2", "answer": \n', [":2:", "malformed JSON"]),
+    ('{"prompt": "1+1", "answer": "2"}\n{"prompt": "2+2"}\n', [":2:", "missing answer field"]),
+    ('{"prompt": "1+1", "answer": "2"}\n{"question": "2+2", "answer": "no number here ####"}\n', [":2:", "gold answer"]),
+])
+def test_bad_data_is_one_clear_line(tmp_path, content, fragments):
+    data = write(tmp_path / "bad.jsonl", content)
+    proc = run("erpd_stage1.py", "--data", data, "--out", tmp_path / "out", check=False)
+    expect_error(proc, str(data), *fragments)
+
+
+def test_long_prompts_are_skipped_or_fatal(tmp_path):
+    rows = [{"prompt": "1+1", "answer": "2"}, {"prompt": "1+" * 200 + "1", "answer": "201"}] * 2
+    data = write(tmp_path / "d.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--data", data, "--num-prompts", "4", "--samples-per-prompt", "2", "--epochs", "1", "--eval-every", "0",
+            "--max-prompt-len", "64", "--kl-rollouts", "4"]
+    proc = run("erpd_stage1.py", *args, "--long-prompts", "error", "--out", tmp_path / "a", check=False)
+    expect_error(proc, "longer than --max-prompt-len 64")
+    proc = run("erpd_stage1.py", *args, "--out", tmp_path / "b")
+    assert "skipped 2 prompt(s)" in proc.stderr
+    assert len((tmp_path / "b" / "rollouts" / "rollouts.jsonl").read_text().splitlines()) == 2 * 2
+
+
+def test_corrupt_or_truncated_shard_is_refused(uninterrupted, tmp_path):
+    import shutil
+
+    shutil.copytree(uninterrupted / "s1" / "shards", tmp_path / "shards")
+    shard = next((tmp_path / "shards").glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-100])
+    proc = run("erpd_stage2.py", "--teacher", tmp_path, "--out", tmp_path / "out", check=False)
+    expect_error(proc, shard.name, "sha256 mismatch")
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(uninterrupted, tmp_path):
+    args = ["--teacher", uninterrupted / "s1", "--out", tmp_path, "--epochs", "3", "--batch-size", "8",
+            "--micro-batch", "8", "--eval-every", "0", "--kl-rollouts", "0", "--lr", "1e38", "--save-every", "1"]
+    proc = run("erpd_stage2.py", *args, check=False)
+    expect_error(proc, "non-finite")
+    assert not (tmp_path / "student").exists()
+    state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
+    weights = load_file(str(tmp_path / "checkpoint" / "model.safetensors"))
+    assert all(v.isfinite().all() for v in weights.values()) and state["epoch"] >= 1
