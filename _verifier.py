@@ -1,12 +1,23 @@
-"""Math answer verifier: extract the final answer from model text, normalise it, compare it to gold.
+r"""Math answer verifier: extract the final answer from model text, normalise it, compare it to gold.
 
 Model output is untrusted input. It is never evaluated: a small tokenizer and recursive-descent
-parser turn a whitelisted LaTeX subset into sympy objects built directly (Integer, Rational,
-Symbol, Add, Mul, Pow, a few functions); every size that could blow up (digits, powers, factorials,
-nesting, list lengths) is bounded before sympy sees it, so each check finishes in well under a
-second by construction, from any thread, without signals. Comparison runs cheapest first:
-normalised strings, plain numbers (exact fractions), structures (tuples, sets, intervals,
-matrices), then symbolic expressions by numeric evaluation at fixed pseudo-random points.
+parser turn a whitelisted LaTeX subset into inert sympy trees (Rational, Symbol, Add, Mul, Pow, a
+few functions, all with evaluate=False; only rational arithmetic is folded). Every size that could
+blow up (digits, powers, roots, factorials, binomials, nesting, list lengths) is bounded before
+anything is computed, so a check takes milliseconds by construction, from any thread, with no
+signals; a time budget is also checked between stages. Comparison runs cheapest first:
+normalised strings, plain numbers (exact fractions), structures, then expressions, evaluated
+numerically (complex floats) at fixed points; sympy's simplify is never called (unbounded time).
+
+Conventions (math-verify's where it has one):
+  * `50\%` equals 50 and 0.5; plain 50 does not equal 0.5.
+  * A decimal equals an exact value only if it is that value correctly rounded and has at least 4
+    significant digits (0.3333 = 1/3, 0.33 != 1/3), or within float noise (relative 1e-9).
+  * Tuples `(a, b)` are ordered; sets `\{..\}`, bare lists `x=1, x=2` and `\pm` are unordered; an
+    open interval and a point are both written `(a, b)` and compare equal; `[a, b)` is an interval.
+  * `x = 3`, `y = 2x + 3`, `f(x) = ...` compare by their right-hand side; other equations compare
+    as lhs - rhs up to a constant factor. `2\frac{1}{2}` is the mixed number 5/2.
+  * `e` and `i` are Euler's number and the imaginary unit; `\log` is the natural log.
 """
 
 import cmath
@@ -48,7 +59,7 @@ class _Timeout(Exception):
 # ------------------------------------------------------------------------------------------------
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
-_HASH_RE = re.compile(r"####\s*([^\n]*)")
+_HASH_RE = re.compile(r"####[ \t]*(?=[-+$\\\d.(])([^\n]*)")  # not a markdown "#### Step 1" header
 _ANSWER_IS_RE = re.compile(r"(?=answer\**\s*(?:is\b|:)\s*:?\**[ \t]*([^\n]*))", re.I)  # overlapping
 _NOT_AN_ANSWER_RE = re.compile(    # "check that the answer is correct" names no answer
     r"(?:correct|incorrect|right|wrong|reasonable|valid|invalid|consistent|indeed|likely|probably|"
@@ -112,13 +123,11 @@ def _extract(text: str):
     for content in reversed(_boxed_contents(text)):
         if content.strip():
             return content.strip(), "boxed"
-    for m in reversed(list(_HASH_RE.finditer(text))):
-        if _clean_phrase(m.group(1)):
-            return _clean_phrase(m.group(1)), "####"
-    for m in reversed(list(_ANSWER_IS_RE.finditer(text))):
-        phrase = _clean_phrase(m.group(1))
-        if phrase and not _NOT_AN_ANSWER_RE.match(phrase):
-            return phrase, "answer is"
+    for pattern, how in ((_HASH_RE, "####"), (_ANSWER_IS_RE, "answer is")):
+        for m in reversed(list(pattern.finditer(text))):
+            phrase = _clean_phrase(m.group(1))
+            if phrase and not _NOT_AN_ANSWER_RE.match(phrase):
+                return phrase, how
     nums = _LAST_NUM_RE.findall(text)
     if nums and nums[-1].rstrip(","):
         return nums[-1].rstrip(","), "last number"
@@ -166,6 +175,7 @@ _REWRITES = [(re.compile(p), r) for p, r in (
     (r"\\lt(?![a-zA-Z])", "<"), (r"\\gt(?![a-zA-Z])", ">"), (r"\\approx(?![a-zA-Z])", "="),
     (r"\^\s*\{?\s*\\circ\s*\}?|\\circ(?![a-zA-Z])|\\degree(?![a-zA-Z])", ""),
     (r"\\(?:emptyset|varnothing)(?![a-zA-Z])", r"\\{\\}"),
+    (r"\\mathbb\s*\{?R\}?", r"(-\\infty,\\infty)"),
     (r"(?<![\\a-zA-Z])(?:infinity|inf)(?![a-zA-Z])", r"\\infty"),
     (r"(?<![\\a-zA-Z])(sqrt|frac|pi|sin|cos|tan|ln|log|exp)(?![a-zA-Z])", r"\\\1"),
 )]
@@ -277,7 +287,8 @@ def _with_percent(alts: tuple, percent: bool) -> tuple:
     """`50\\%` equals 50 and 0.5 (math-verify's convention); plain 50 does not equal 0.5."""
     if not percent:
         return alts
-    return alts + tuple((v / 100, None if d is None else (d[0] / 100, d[1])) for v, d in alts)
+    scale = (lambda v: v / 100) if isinstance(alts[0][0], Fraction) else (lambda v: _div(v, sympy.Integer(100)))
+    return alts + tuple((scale(v), None if d is None else (d[0] / 100, d[1])) for v, d in alts)
 
 
 def _numbers_equal(pa: tuple, ga: tuple) -> bool:
@@ -293,7 +304,8 @@ def _numbers_equal(pa: tuple, ga: tuple) -> bool:
 # ------------------------------------------------------------------------------------------------
 
 _TOKEN_RE = re.compile(r"\s*(?:(\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?)"
-                       r"|(\\[a-zA-Z]+|\\[{}|])|([a-zA-Z])|([-+*/^_()\[\]{}|!,]))")
+                       r"|(\\[a-zA-Z]+|\\[{}|])|([a-zA-Z](?:_\{[a-zA-Z0-9]{1,10}\}|_[a-zA-Z0-9])?)"  # x, x_1, a_{10}
+                       r"|([-+*/^_()\[\]{}|!,]))")
 _GREEK = frozenset("alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta iota kappa lambda "
                    "mu nu xi rho sigma tau upsilon phi varphi chi psi omega Gamma Delta Theta Lambda Xi "
                    "Sigma Phi Psi Omega".split())
@@ -319,44 +331,71 @@ def _tokenize(s: str) -> list:
     return toks
 
 
+# The tree is built inert (evaluate=False): sympy's automatic simplification is unbounded (it
+# factors bases of roots, expands binomials, calls evalf at growing precision from assumption
+# queries). Only rational arithmetic is folded, exactly and within the size bounds.
+
+def _add(a, b):
+    return a + b if a.is_Rational and b.is_Rational else sympy.Add(a, b, evaluate=False)
+
+
+def _neg(a):
+    return -a if a.is_Number else sympy.Mul(sympy.S.NegativeOne, a, evaluate=False)
+
+
+def _mul(a, b):
+    return a * b if a.is_Rational and b.is_Rational else sympy.Mul(a, b, evaluate=False)
+
+
+def _div(a, b):
+    if a.is_Rational and b.is_Rational:
+        if b == 0:
+            raise _Unsupported("division by zero")
+        return a / b
+    return sympy.Mul(a, sympy.Pow(b, sympy.S.NegativeOne, evaluate=False), evaluate=False)
+
+
 def _log10_size(value) -> float:
     """Rough |log10| of a constant (digits of a rational), to bound powers before computing them."""
     if value.is_Rational:
         return sum(math.log10(abs(int(k))) for k in (value.p, value.q) if k)
-    return abs(math.log10(abs(_ev(value, {})) or 1.0))
+    try:
+        return abs(math.log10(abs(_ev(value, {})) or 1.0))
+    except (ArithmeticError, ValueError, _Unsupported):
+        raise _TooBig("power of an unbounded base") from None
 
 
 def _pow(base, exp):
-    if exp.is_Rational and not exp.free_symbols:
-        if exp.q > 10 ** 4:
-            raise _TooBig("exponent denominator")
+    if exp.is_Rational:
+        if exp.q > _MAX_DIGITS:
+            raise _TooBig("root index too large")
         if base.free_symbols:
             if abs(exp) > _MAX_DIGITS:
                 raise _TooBig("exponent of a symbolic base")
-        elif base not in (sympy.S.Zero, sympy.S.One, sympy.S.NegativeOne, sympy.I, -sympy.I):
+        elif base not in (sympy.S.Zero, sympy.S.One, sympy.S.NegativeOne):
             if float(abs(exp)) * _log10_size(base) > 2 * _MAX_DIGITS:
                 raise _TooBig("power too large")
-            # sympy factors the base of a fractional power of a rational: keep that base small
-            if exp.q != 1 and base.is_Rational and max(abs(base.p), base.q).bit_length() > 200:
-                raise _TooBig("root of a large number")
-    return sympy.Pow(base, exp)
+        if base.is_Rational and exp.is_Integer:
+            if base == 0 and exp < 0:
+                raise _Unsupported("division by zero")
+            return base ** exp                    # exact, and bounded by the check above
+    return sympy.Pow(base, exp, evaluate=False)
 
 
 def _factorial(n):
-    if n.free_symbols:
-        return sympy.factorial(n)
-    if not n.is_Integer or n < 0:
+    if n.is_Number and not (n.is_Integer and n >= 0):
         raise _Unsupported("factorial of a non-natural number")
-    if n > _MAX_FACTORIAL:
+    if n.is_Integer and n > _MAX_FACTORIAL:
         raise _TooBig("factorial too large")
-    return sympy.factorial(n)
+    return sympy.factorial(n) if n.is_Integer else sympy.factorial(n, evaluate=False)
 
 
 def _binomial(n, k):
-    for v in (n, k):
-        if v.is_Number and abs(v) > 10 ** 4:
+    if n.is_Integer and k.is_Integer:
+        if abs(n) > 10 ** 4 or (n < 0 and abs(k) > _MAX_FACTORIAL):
             raise _TooBig("binomial too large")
-    return sympy.binomial(n, k)
+        return sympy.binomial(n, k)
+    return sympy.binomial(n, k, evaluate=False)
 
 
 class _Parser:
@@ -399,7 +438,7 @@ class _Parser:
         while self.at("op", "+", "-"):
             op = self.take()[1]
             t = self.term()
-            e = e + t if op == "+" else e - t
+            e = _add(e, t if op == "+" else _neg(t))
         self.depth -= 1
         return e
 
@@ -409,12 +448,12 @@ class _Parser:
             k, v = self.peek()
             if (k, v) in (("op", "*"), ("cmd", "\\cdot"), ("cmd", "\\times")):
                 self.take()
-                e = e * self.unary()
+                e = _mul(e, self.unary())
             elif (k, v) in (("op", "/"), ("cmd", "\\div")):
                 self.take()
-                e = e / self.unary()
+                e = _div(e, self.unary())
             elif k == "letter" or (k == "op" and v in "({") or (k == "cmd" and v[1:] in _IMPLICIT_CMDS):
-                e = e * self.power()              # implicit product: 2x, 2\sqrt{3}, (a)(b)
+                e = _mul(e, self.power())         # implicit product: 2x, 2\sqrt{3}, (a)(b)
             else:
                 return e
 
@@ -423,7 +462,7 @@ class _Parser:
         if self.at("op", "-", "+"):
             sign = self.take()[1]
             e = self.unary()
-            e = -e if sign == "-" else e
+            e = _neg(e) if sign == "-" else e
         else:
             e = self.power()
         self.depth -= 1
@@ -444,7 +483,7 @@ class _Parser:
         if self.at("op", "-", "+"):
             sign = self.take()[1]
             e = self.exponent()
-            e = -e if sign == "-" else e
+            e = _neg(e) if sign == "-" else e
         elif self.at("op", "{", "("):
             e = self.group()
         else:
@@ -465,33 +504,13 @@ class _Parser:
             return sympy.Integer(int(v[0]))
         return self.primary()
 
-    def subscript(self) -> str:
-        """Raw text of `_1`, `_{12}`, `_n` (subscripts name symbols; they are not computed)."""
-        self.take()
-        if self.at("op", "{"):
-            self.take()
-            parts = []
-            while not self.at("op", "}"):
-                k, v = self.take()
-                if k is None or len(parts) > 10:
-                    raise _Unsupported("bad subscript")
-                parts.append(v.lstrip("\\"))
-            self.take()
-            return "".join(parts)
-        k, v = self.take()
-        if k not in ("num", "letter"):
-            raise _Unsupported("bad subscript")
-        return v
-
     def primary(self):
         k, v = self.take()
         if k == "num":
             value, _ = _decimal(v)
             return sympy.Rational(value.numerator, value.denominator)
-        if k == "letter":
-            if self.at("op", "_"):
-                return sympy.Symbol(f"{v}_{self.subscript()}")
-            return {"e": sympy.E, "i": sympy.I}.get(v) or sympy.Symbol(v)
+        if k == "letter":                        # single letters (subscripted) only: words are text
+            return {"e": sympy.E, "i": sympy.I}.get(v) or sympy.Symbol(v.replace("{", "").replace("}", ""))
         if k == "op" and v in "({[":
             e = self.expr()
             self.expect({"(": ")", "{": "}", "[": "]"}[v])
@@ -511,7 +530,7 @@ class _Parser:
             return sympy.Symbol(name)
         if name == "frac":
             num = self.group()
-            return num / self.group()
+            return _div(num, self.group())
         if name == "binom":
             n = self.group()
             return _binomial(n, self.group())
@@ -520,7 +539,7 @@ class _Parser:
                 self.take()
                 index = self.expr()
                 self.expect("]")
-                return _pow(self.group(), 1 / index)
+                return _pow(self.group(), _div(sympy.S.One, index))
             return _pow(self.group(), sympy.Rational(1, 2))
         if name in ("lfloor", "lceil"):
             e = self.expr()
@@ -549,9 +568,11 @@ class _Parser:
         else:                                    # \sin 2x: the implicit product that follows
             arg = self.power()
             while self.at("letter") or (self.at("cmd") and self.peek()[1][1:] in _IMPLICIT_CMDS - set(_FUNCS)):
-                arg = arg * self.power()
-        f = _FUNCS[name]
-        e = f(arg, base) if base is not None else f(arg)
+                arg = _mul(arg, self.power())
+        # unevaluated: sympy's own simplification of f(arg) is unbounded; numeric evaluation decides
+        e = _FUNCS[name](arg, evaluate=False)
+        if base is not None:
+            e = _div(e, sympy.log(base, evaluate=False))
         return _pow(e, power) if power is not None else e
 
 
@@ -591,7 +612,7 @@ def _ev(e, env: dict) -> complex:
         v = complex(float(Fraction(int(e.p), int(e.q))))
     elif e.is_Symbol:
         v = env[e]
-    elif e in _EVAL_CONSTS:
+    elif e.is_Atom and e in _EVAL_CONSTS:
         v = _EVAL_CONSTS[e]
     elif e.is_Add:
         v = sum(_ev(a, env) for a in e.args)
@@ -600,8 +621,11 @@ def _ev(e, env: dict) -> complex:
         for a in e.args:
             v *= _ev(a, env)
     elif e.is_Pow:
-        b, x = e.args
-        v = _ev(b, env) ** (int(x) if x.is_Integer else _ev(x, env))
+        b, x = _ev(e.args[0], env), e.args[1]
+        if x.is_Rational and b.imag == 0 and b.real < 0 and x.q % 2:    # real odd root: cbrt(-8) = -2
+            v = complex((-1) ** int(x.p) * (-b.real) ** float(x))
+        else:
+            v = b ** (int(x) if x.is_Integer else _ev(x, env))
     elif e.func is sympy.binomial:
         n, k = (_ev(a, env).real for a in e.args)
         v = complex(math.gamma(n + 1) / (math.gamma(k + 1) * math.gamma(n - k + 1)))
@@ -618,9 +642,14 @@ def _close(x: complex, y: complex, rel: float) -> bool:
     return abs(x - y) <= rel * max(abs(x), abs(y)) + 1e-12
 
 
-_RNG = random.Random(1234)                      # fixed points: the verdict is deterministic
-_POINTS = [[_RNG.uniform(0.3, 2.7) for _ in range(12)] for _ in range(6)]
-del _RNG
+def _fixed_points(count: int = 6, dims: int = 12, seed: int = 1234) -> list:
+    """Evaluation points for expressions in symbols: fixed, so every verdict is deterministic;
+    positive, so roots and logs stay on their principal real branch."""
+    rng = random.Random(seed)
+    return [[rng.uniform(0.3, 2.7) for _ in range(dims)] for _ in range(count)]
+
+
+_POINTS = _fixed_points()
 
 
 def _values_equal(x, dx, y, dy) -> bool:
@@ -719,7 +748,7 @@ def _element(s: str):
         else:
             left, right = _parse_expr(lhs), _parse_expr(rhs)
             if left.free_symbols:
-                return ("eq", left - right)       # a genuine equation: x + y = 5
+                return ("eq", _add(left, _neg(right)))  # a genuine equation: x + y = 5
             s = rhs                               # 6/8 = 3/4: the result
     if not s or re.search(r"[a-zA-Z]{3,}", re.sub(r"\\[a-zA-Z]+", " ", s)):
         return ("text", _text_key(s))            # words are text, not products of letters
@@ -844,7 +873,7 @@ def _match(a, b, deadline: float) -> bool:
     for x, y in ((a, b), (b, a)):                 # an open interval is written like a point
         if x[0] == "interval" and y[0] == "tuple" and not x[1] and not x[4] and len(y[1]) == 2:
             return _match(x[2], y[1][0], deadline) and _match(x[3], y[1][1], deadline)
-        if x[0] == "matrix" and y[0] in ("tuple", "list") and 1 in (len(x[1]), len(x[1][0])):
+        if x[0] == "matrix" and y[0] == "tuple" and x[1] and 1 in (len(x[1]), len(x[1][0])):  # a vector
             return _ordered([c for r in x[1] for c in r], y[1], deadline)
     if ka == kb == "matrix":
         return len(a[1]) == len(b[1]) and all(_ordered(r, s, deadline) for r, s in zip(a[1], b[1]))

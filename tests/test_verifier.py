@@ -241,6 +241,23 @@ CASES = [
     ("#### 5\nThe answer is \\boxed{4}", "4", True),
     ("The answer is 3 and the last number is 9", "3", True),
     ("no digits at all here", "1", False),
+    ("#### Step 1: add\n3+4 = 7\n#### Step 2: double\nSo the answer is 14.", "14", True),
+    ("Let me check that the answer is correct: 3 * 5 = 15", "15", True),
+    # --- gold answers as MATH writes them ------------------------------------------------------
+    ("\\boxed{32348}", "\\$32,\\!348", True),
+    ("\\boxed{32384}", "\\$32,\\!348", False),
+    ("\\boxed{1011_2}", "1011_2", True),
+    ("\\boxed{17.5}", "17\\frac{1}{2}", True),
+    ("\\boxed{(1,-2,-1)}", "\\begin{pmatrix} 1 \\\\ -2 \\\\ -1 \\end{pmatrix}", True),
+    ("\\boxed{x \\le -2 \\text{ or } x \\ge 2}", "(-\\infty,-2]\\cup[2,\\infty)", True),
+    ("\\boxed{\\frac{x-3}{2}}", "f^{-1}(x) = \\frac{x-3}{2}", True),
+    ("\\boxed{\\sqrt{5+2\\sqrt6}}", "\\sqrt{2}+\\sqrt{3}", True),
+    ("\\boxed{\\cos(\\pi/3)}", "\\frac12", True),
+    ("\\boxed{\\sqrt[3]{-8}}", "-2", True),
+    ("\\boxed{12\\sqrt3}", "12\\sqrt{3} \\text{ square units}", True),
+    ("\\boxed{x = -3 \\text{ or } x = 1}", "\\{-3, 1\\}", True),
+    ("\\boxed{\\text{Even}}", "\\text{even}", True),
+    ("\\boxed{\\text{odd}}", "\\text{even}", False),
 ]
 
 

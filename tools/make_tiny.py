@@ -19,8 +19,11 @@ add_special_tokens=False; response = solution ids + EOS), loss on the response t
 for a fixed budget of SFT_STEPS steps. Task difficulty and the step budget are tuned so that the
 base is imperfect at temperature 1: it leaves room (and reward signal) for RL.
 
-Measured with the defaults (2 CPU cores, torch 2.13 CPU): accuracy on test.jsonl at temperature 1.0
-(pure sampling, 4 samples per prompt) = ACCURACY_PLACEHOLDER
+Measured with the defaults (torch 2.13 CPU, transformers 5.24, 1 thread): accuracy on test.jsonl at
+temperature 1.0 (pure sampling, 4 samples per prompt, mean over samples) = 0.394; 99.4% of samples
+well-formed (end with \\boxed{N} and EOS), mean response 30.7 tokens, 52% of test prompts with mixed
+outcomes; 866k parameters, model.safetensors 3.47 MB; 2.5-4 minutes end to end on a shared 2-core
+machine. The result is bit-identical on rerun (same machine, same thread count).
 
 Usage:  python tools/make_tiny.py [--out tiny] [--steps N] [--seed S]
 """
@@ -28,11 +31,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -54,7 +57,7 @@ N_TRAIN, N_TEST = 2000, 200
 HIDDEN, LAYERS, HEADS, INTERMEDIATE, MAX_POS = 128, 4, 4, 384, 256
 
 # ---- SFT -------------------------------------------------------------------------------------------
-SFT_STEPS = 1200
+SFT_STEPS = 550         # tuned: T=1 accuracy rises steeply here (~16% at 400 steps, ~40% at 550, ~74% at 800)
 BATCH = 64
 LR = 2e-3
 WARMUP = 50
@@ -95,9 +98,7 @@ def make_problem(rng: random.Random) -> tuple[str, str, int]:
             c = a * b if op == "*" else a + b if op == "+" else a - b
             steps.append(f"{a}{op}{b}={c}")
             vals[i:i + 2] = [c]
-            del ops_left[i]
-            if wanted == "*":
-                continue  # a chained product continues from the same position
+            del ops_left[i]  # stay at i: a chain (2*3*4, 5-1+2) continues from the new value
     answer = vals[0]
     assert answer == eval(question), question  # noqa: S307 - our own digits and + - * only
     return question, " ".join(steps) + f" \\boxed{{{answer}}}", answer
@@ -181,7 +182,7 @@ def build_model(tok):
 # SFT
 # =================================================================================================
 
-def sft_batch(tok, problems: list[tuple[str, str]], prompt_cache: dict) -> tuple[torch.Tensor, ...]:
+def sft_batch(tok, problems: list[tuple[str, str]], prompt_cache: dict) -> tuple[torch.Tensor, torch.Tensor]:
     seqs, labels = [], []
     for q, sol in problems:
         p = prompt_cache.get(q)
@@ -193,12 +194,10 @@ def sft_batch(tok, problems: list[tuple[str, str]], prompt_cache: dict) -> tuple
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
     lab = torch.full((len(seqs), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, (s, lb) in enumerate(zip(seqs, labels)):  # right padding: positions are the natural ones
         ids[i, :len(s)] = torch.tensor(s)
         lab[i, :len(s)] = torch.tensor(lb)
-        mask[i, :len(s)] = 1
-    return ids, mask, lab
+    return ids, lab
 
 
 def train(model, tok, steps: int, seed: int, exclude: set[str], log_every: int = 100) -> None:
@@ -212,7 +211,6 @@ def train(model, tok, steps: int, seed: int, exclude: set[str], log_every: int =
     def lr_at(step):  # linear warm-up, then cosine to 10%
         if step < WARMUP:
             return (step + 1) / WARMUP
-        import math
         t = (step - WARMUP) / max(1, steps - WARMUP)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
 
@@ -226,8 +224,9 @@ def train(model, tok, steps: int, seed: int, exclude: set[str], log_every: int =
             q, sol, _ = make_problem(rng)
             if q not in exclude:
                 batch.append((q, sol))
-        ids, mask, lab = sft_batch(tok, batch, cache)
-        loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
+        ids, lab = sft_batch(tok, batch, cache)
+        # right padding and a causal model: real tokens never see the pads, so no mask is needed
+        loss = model(input_ids=ids, labels=lab).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -252,7 +251,7 @@ def evaluate(model, tok, rows: list[dict], samples: int, seed: int, batch_size: 
     prompts = [encode_prompt(tok, r["prompt"]) for r in rows for _ in range(samples)]
     golds = [r["answer"] for r in rows for _ in range(samples)]
     correct = well_formed = 0
-    lengths, examples = [], []
+    lengths, examples, per_sample = [], [], []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         width = max(len(p) for p in chunk)
@@ -275,16 +274,29 @@ def evaluate(model, tok, rows: list[dict], samples: int, seed: int, batch_size: 
             boxes = re.findall(r"\\boxed\{([^{}]*)\}", text)
             ok = bool(boxes) and boxes[-1].strip() == golds[start + i]
             correct += ok
+            per_sample.append(ok)
             well_formed += ended and bool(BOXED_RE.search(text))
             lengths.append(len(resp))
             if len(examples) < 6 and (start + i) % samples == 0:
                 examples.append((tok.decode(chunk[i][1:]).replace("\n", " | "), text, golds[start + i], ok))
     n = len(prompts)
-    return {"accuracy": correct / n, "well_formed": well_formed / n, "mean_len": sum(lengths) / n,
+    per_prompt = [sum(per_sample[i:i + samples]) for i in range(0, n, samples)]
+    mixed = sum(0 < c < samples for c in per_prompt) / len(per_prompt)
+    return {"mixed": mixed, "accuracy": correct / n, "well_formed": well_formed / n, "mean_len": sum(lengths) / n,
             "max_len": max(lengths), "examples": examples}
 
 
 # =================================================================================================
+
+def portable_tokenizer_config(model_dir: Path) -> None:
+    """Let transformers 4.x (requirements: >=4.51) load the tokenizer too: 5.x writes the class name
+    "TokenizersBackend", which 4.x does not know, and keeps the chat template only in a .jinja file."""
+    path = model_dir / "tokenizer_config.json"
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg["chat_template"] = CHAT_TEMPLATE
+    path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
 
 def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -295,7 +307,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "tiny"))
     ap.add_argument("--steps", type=int, default=SFT_STEPS)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: fastest for this tiny model, and the same result everywhere)")
     args = ap.parse_args()
     t_start = time.time()
     torch.set_num_threads(args.threads)
@@ -303,13 +316,14 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     train_rows, test_rows = make_splits(args.seed)
-    _, sample_sol, _ = make_problem(random.Random(12345))
+    _, sample_sol, _ = make_problem(random.Random(12345))  # any solution string, for the round-trip check
     tok = build_tokenizer()
     check_tokenizer(tok, [r["prompt"] for r in test_rows[:50]] + [sample_sol, "Q: 1+2\nA: x \\boxed{-3}", " a\n\tb "])
     check_tokenizer(tok, [tok.apply_chat_template([{"role": "user", "content": "7+5*3-4"}],
                                                   add_generation_prompt=True, tokenize=False)[3:]])
     assert tok.decode(encode_prompt(tok, "7+5*3-4")) == "<s>Q: 7+5*3-4\nA: "
 
+    torch.manual_seed(args.seed)  # the initial weights
     model = build_model(tok)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"task: {NUM_OPS[0]}-{NUM_OPS[1]} ops over '{OPS}', operands 1..{MAX_OPERAND} (factors <= "
@@ -324,6 +338,7 @@ def main() -> None:
         shutil.rmtree(model_dir)
     model.save_pretrained(model_dir, safe_serialization=True)
     tok.save_pretrained(model_dir)
+    portable_tokenizer_config(model_dir)
     write_jsonl(out / "train.jsonl", train_rows)
     write_jsonl(out / "test.jsonl", test_rows)
 
@@ -337,9 +352,11 @@ def main() -> None:
     for q, text, gold, ok in res["examples"]:
         print(f"  {q!r} -> {text!r}  gold {gold}  {'OK' if ok else 'wrong'}")
     size = (model_dir / "model.safetensors").stat().st_size
-    print(f"sample: Q {train_rows[0]['prompt']!r}  solution {make_problem(random.Random(12345))[1]!r}")
+    sq, ssol, _ = make_problem(random.Random(12345))
+    print(f"sample SFT problem: question {sq!r}  solution {ssol!r}")
     print(f"accuracy (T=1, {EVAL_SAMPLES} samples x {len(test_rows)} test prompts, mean over samples): "
           f"{res['accuracy']:.4f}")
+    print(f"prompts with mixed outcomes (some but not all {EVAL_SAMPLES} samples correct): {res['mixed']:.3f}")
     print(f"well-formed (ends with \\boxed{{N}} + EOS): {res['well_formed']:.4f}")
     print(f"mean response length: {res['mean_len']:.1f} tokens (incl. EOS), max {res['max_len']}")
     print(f"model.safetensors: {size:,} bytes; tiny/model/: {dir_bytes(model_dir):,} bytes; "
