@@ -123,7 +123,7 @@ def test_corrupt_or_truncated_shard_is_refused(uninterrupted, tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(uninterrupted, tmp_path):
     args = ["--teacher", uninterrupted / "s1", "--out", tmp_path, "--epochs", "3", "--batch-size", "8",
-            "--micro-batch", "8", "--eval-every", "0", "--kl-rollouts", "0", "--lr", "1e38", "--save-every", "1"]
+            "--micro-batch", "8", "--eval-every", "0", "--kl-rollouts", "0", "--lr", "1e30", "--save-every", "1"]
     proc = run("erpd_stage2.py", *args, check=False)
     expect_error(proc, "non-finite")
     assert not (tmp_path / "student").exists()
