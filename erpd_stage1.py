@@ -53,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--max-prompt-len", type=int, default=1024)
     p.add_argument("--long-prompts", choices=["skip", "error"], default="skip")
     # sampling D
-    p.add_argument("--num-prompts", type=int, default=128)
+    p.add_argument("--num-prompts", type=int, default=256)
     p.add_argument("--samples-per-prompt", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=1.0, help="sampling and scoring temperature")
@@ -61,10 +61,10 @@ def parse_args(argv=None):
     p.add_argument("--sample-batch-size", type=int, default=128)
     # teacher optimisation
     p.add_argument("--teacher-loss", choices=["ppo", "sapo", "ce", "mse"], default="sapo")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=128, help="rollouts per optimizer step (global)")
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--batch-size", type=int, default=256, help="rollouts per optimizer step (global)")
     p.add_argument("--micro-batch", type=int, default=64, help="rollouts per forward (per rank)")
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--adv-std-norm", action="store_true", help="A = (r - mean) / (std + 1e-6)")
@@ -76,8 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--kl-coef", type=float, default=0.0)
     p.add_argument("--unlearn", action="store_true", help="also train pi_U from pi_0 on -A")
     # diagnostics
-    p.add_argument("--eval-every", type=int, default=5, help="held-out accuracy every k epochs (0: off)")
-    p.add_argument("--eval-prompts", type=int, default=100)
+    p.add_argument("--eval-every", type=int, default=4, help="held-out accuracy every k epochs (0: off)")
+    p.add_argument("--eval-prompts", type=int, default=200)
     p.add_argument("--eval-samples", type=int, default=4)
     p.add_argument("--kl-rollouts", type=int, default=256, help="rollouts of D for the exact-KL curve")
     # system

@@ -46,10 +46,10 @@ def parse_args(argv=None):
     p.add_argument("--eval-split", default="test")
     p.add_argument("--system-prompt", default=None, help="must match stage 1's")
     # distillation
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=128, help="rollouts per optimizer step (global)")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=256, help="rollouts per optimizer step (global)")
     p.add_argument("--micro-batch", type=int, default=64, help="rollouts per forward (per rank)")
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--eps", type=float, default=0.2, help="trust region: clip rho to [1 - eps, 1 + eps]")
@@ -59,8 +59,8 @@ def parse_args(argv=None):
     # diagnostics
     p.add_argument("--kl-rollouts", type=int, default=256,
                    help="rollouts of D for the exact-KL curve; keeps a frozen pi_0 in memory (0: off)")
-    p.add_argument("--eval-every", type=int, default=5, help="held-out accuracy every k epochs (0: off)")
-    p.add_argument("--eval-prompts", type=int, default=100)
+    p.add_argument("--eval-every", type=int, default=2, help="held-out accuracy every k epochs (0: off)")
+    p.add_argument("--eval-prompts", type=int, default=200)
     p.add_argument("--eval-samples", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--max-prompt-len", type=int, default=1024)
