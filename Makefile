@@ -27,7 +27,7 @@ demo: $(VENV)/.base
 	$(BIN)/python erpd_stage1.py --out $(RUN)/stage1
 	$(BIN)/python erpd_stage2.py --teacher $(RUN)/stage1 --out $(RUN)/stage2
 	$(BIN)/python eval_math.py --model base=tiny/model --model teacher=$(RUN)/stage1/teacher \
-		--model student=$(RUN)/stage2/student --ref tiny/model --json $(RUN)/eval.json
+		--model student=$(RUN)/stage2/student --ref tiny/model --samples 16 --json $(RUN)/eval.json
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -q tests

@@ -178,8 +178,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def load_model(path: str, dtype: str = "float32", device: str | torch.device = "cpu",
                attn_implementation: str = "sdpa", trust_remote_code: bool = False,
-               gradient_checkpointing: bool = False):
+               gradient_checkpointing: bool = False, autocast: str | None = None):
     """An AutoModelForCausalLM and its tokenizer, dropout off, ready for training and sampling.
+
+    `dtype` is the weights' (and AdamW states') dtype. For training real models on GPU use
+    float32 weights with autocast="bfloat16": pure bf16 weights silently drop updates of
+    lr ~1e-6, which bf16's 8-bit mantissa cannot represent.
 
     Dropout is zeroed in the config and in every nn.Dropout so that train() and eval() compute the
     same function: the pi_0 log-probs and the first training forward then agree exactly (ratio 1).
@@ -209,7 +213,16 @@ def load_model(path: str, dtype: str = "float32", device: str | torch.device = "
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)
     model.name_or_path = path
+    model.erpd_autocast = DTYPES[autocast] if autocast else None
     return model, tokenizer
+
+
+def forward(model, **inputs):
+    """model(**inputs), under bf16 / fp16 autocast when load_model was asked for it."""
+    dtype = getattr(model, "erpd_autocast", None)
+    device_type = next(model.parameters()).device.type
+    with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
+        return model(**inputs)
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
@@ -275,8 +288,8 @@ def sample_responses(model, prompts: list[list[int]], *, max_new_tokens: int, te
     for start in progress(range(0, len(order), batch_size), enabled=show_progress, desc="sampling"):
         batch = order[start:start + batch_size]
         ids, mask, positions = left_pad([prompts[i] for i in batch], pad_id, device)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                    logits_to_keep=1)
+        out = forward(model, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                      logits_to_keep=1)
         cache = out[cache_kw] if cache_kw in out else out.past_key_values
         position = positions[:, -1]
         done = torch.zeros(len(batch), dtype=torch.bool, device=device)
@@ -290,8 +303,8 @@ def sample_responses(model, prompts: list[list[int]], *, max_new_tokens: int, te
                 break
             position = position + 1
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=position[:, None],
-                        use_cache=True, **{cache_kw: cache})
+            out = forward(model, input_ids=tok[:, None], attention_mask=mask, position_ids=position[:, None],
+                          use_cache=True, **{cache_kw: cache})
             cache = out[cache_kw] if cache_kw in out else out.past_key_values
         generated = torch.stack(tokens, dim=1).tolist()
         for row, i in enumerate(batch):
@@ -1465,8 +1478,8 @@ def pack_rollouts(rollouts: list[dict], pad_id: int, device) -> dict[str, torch.
 def response_logits(model, batch: dict) -> torch.Tensor:
     """Logits at the positions that predict response tokens only: [B, T, V] in the model's dtype."""
     width = batch["labels"].shape[1]
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], use_cache=False, logits_to_keep=width + 1)
+    out = forward(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  position_ids=batch["position_ids"], use_cache=False, logits_to_keep=width + 1)
     return out.logits[:, :-1]
 
 

@@ -34,21 +34,22 @@ def parse_args(argv=None):
                    help="repeatable; default: base=<embedded tiny model>")
     p.add_argument("--ref", default=DEFAULT_MODEL, help="the base the KL columns are measured against")
     p.add_argument("--data", default=DEFAULT_TEST_DATA)
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test", help="dataset split")
     p.add_argument("--num-prompts", type=int, default=None, help="seeded subset (default: all)")
     p.add_argument("--samples", type=int, default=8, help="k: samples per problem")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--max-prompt-len", type=int, default=1024)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--system-prompt", default=None)
-    p.add_argument("--sample-batch-size", type=int, default=128)
-    p.add_argument("--micro-batch", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="response length limit")
+    p.add_argument("--max-prompt-len", type=int, default=1024, help="longer prompts are skipped")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling and scoring temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
+    p.add_argument("--system-prompt", default=None, help="system message for chat templates")
+    p.add_argument("--sample-batch-size", type=int, default=128, help="sequences per sampling batch")
+    p.add_argument("--micro-batch", type=int, default=32, help="sequences per scoring forward")
     p.add_argument("--json", default=None, help="write {'models': {NAME: {metric: value}}} here")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--attn-implementation", default="sdpa")
-    p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights' dtype (bfloat16: inference only)")
+    p.add_argument("--autocast", default=None, choices=["bfloat16", "float16"], help="mixed precision over float32 weights (GPU training)")
+    p.add_argument("--attn-implementation", default="sdpa", help="sdpa / eager / flash_attention_2")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+    p.add_argument("--seed", type=int, default=1234, help="problem subset and sampling")
     return p.parse_args(argv)
 
 
@@ -84,7 +85,7 @@ def main(argv=None):
     if any("=" not in s for s in specs):
         raise InputError(f"--model expects NAME=PATH, got {[s for s in specs if '=' not in s]}")
     names = [s.split("=", 1) for s in specs]
-    load = dict(dtype=args.dtype, device=ctx.device, attn_implementation=args.attn_implementation,
+    load = dict(dtype=args.dtype, autocast=args.autocast, device=ctx.device, attn_implementation=args.attn_implementation,
                 trust_remote_code=args.trust_remote_code)
     ref, ref_tokenizer = load_model(args.ref, **load)
     ref.requires_grad_(False).eval()
