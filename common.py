@@ -176,6 +176,27 @@ def encode_problems(tokenizer, problems: list[dict], max_prompt_len: int, source
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def add_system_args(p, training: bool = True) -> None:
+    """The flags every script shares: weights, precision, attention; for training also resume and ranks."""
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights' dtype (bfloat16: inference only)")
+    p.add_argument("--autocast", default=None, choices=["bfloat16", "float16"],
+                   help="mixed precision over float32 weights (GPU training)")
+    p.add_argument("--attn-implementation", default="sdpa", help="sdpa / eager / flash_attention_2")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+    if training:
+        p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")
+        p.add_argument("--dist-timeout-minutes", type=float, default=30.0, help="a failed rank stops the others within this")
+        p.add_argument("--seed", type=int, default=0, help="data subset, sampling and batch order")
+        p.add_argument("--save-every", type=int, default=0, help="checkpoint every k steps (and every epoch end)")
+        p.add_argument("--resume", action="store_true", help="continue from OUT's rollouts and checkpoints")
+
+
+def model_kwargs(args, device) -> dict:
+    """load_model's keyword arguments from add_system_args' flags."""
+    return dict(dtype=args.dtype, autocast=args.autocast, device=device,
+                attn_implementation=args.attn_implementation, trust_remote_code=args.trust_remote_code)
+
+
 def load_model(path: str, dtype: str = "float32", device: str | torch.device = "cpu",
                attn_implementation: str = "sdpa", trust_remote_code: bool = False,
                gradient_checkpointing: bool = False, autocast: str | None = None):
@@ -1664,6 +1685,38 @@ def train_epoch(model, optimizer, rollouts: list[dict], loss_fn, *, epoch: int, 
     keys = sorted(k for k in totals if k not in ("loss", "grad_norm"))
     summed = dict(zip(keys, all_reduce_sum([totals[k] for k in keys], ctx)))
     return {**summed, "loss": totals.get("loss", 0.0), "grad_norm": totals.get("grad_norm", 0.0)}
+
+
+def train_epochs(policy, rollouts: list[dict], loss_fn, *, args, ctx, pad_id: int, temperature: float,
+                 checkpoint, log, diagnostics, summarize, tag: str) -> None:
+    """AdamW over `args.epochs` passes of train_epoch, with checkpoints, resume and per-epoch logs.
+
+    diagnostics(policy, epoch) -> metrics measured after each epoch (and before the first);
+    summarize(stats) -> the stage's own metrics from train_epoch's summed stats.
+    A checkpoint is written every `args.save_every` steps and at each epoch end; with
+    `args.resume` training continues from it at the exact step, so no batch is replayed or skipped.
+    """
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    state = load_checkpoint(checkpoint, policy, optimizer) if args.resume else None
+    state = state or {"epoch": 1, "step": 0, "totals": {}}
+    if state["epoch"] == 1 and state["step"] == 0:
+        log.log(event="epoch", model=tag, epoch=0, **diagnostics(policy, 0))
+    for epoch in range(state["epoch"], args.epochs + 1):
+        def on_step(step, totals):
+            if args.save_every and step % args.save_every == 0:
+                save_checkpoint(checkpoint, policy, optimizer, {"epoch": epoch, "step": step, "totals": totals}, ctx)
+        resumed = epoch == state["epoch"]
+        stats = train_epoch(policy, optimizer, rollouts, loss_fn, epoch=epoch - 1, ctx=ctx, pad_id=pad_id,
+                            temperature=temperature, batch_size=args.batch_size, micro_batch=args.micro_batch,
+                            seed=args.seed, max_grad_norm=args.max_grad_norm, desc=f"{tag} epoch {epoch}/{args.epochs}",
+                            on_step=on_step, start_step=state["step"] if resumed else 0,
+                            totals=state["totals"] if resumed else None)
+        metrics = {"loss": stats["loss"], "grad_norm": stats["grad_norm"], **summarize(stats),
+                   **diagnostics(policy, epoch)}
+        log.log(event="epoch", model=tag, epoch=epoch, **metrics)
+        if ctx.is_main:
+            print(f"[{tag}] epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+        save_checkpoint(checkpoint, policy, optimizer, {"epoch": epoch + 1, "step": 0, "totals": {}}, ctx)
 
 
 # =================================================================================================

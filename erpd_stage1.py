@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 
 from common import (
-    load_checkpoint, save_checkpoint,
+    add_system_args, model_kwargs,
     DEFAULT_MODEL, DEFAULT_TEST_DATA, DEFAULT_TRAIN_DATA, InputError, JsonlLogger, all_gather_objects,
     atomic_write_text, ce_loss, encode_problems, group_advantages, init_distributed, kl_penalty, load_model,
     load_problems, model_fingerprint, drift_metrics, heldout_accuracy, mse_loss, my_micro_batches, global_batches, pad_rows,
     ppo_clip_loss, rollout_health, rollouts_to_shard, run_main, sample_and_score, sapo_loss,
-    score_rollouts, set_seed, tokenizer_fingerprint, train_epoch, warn_if_no_signal, write_shard,
+    score_rollouts, set_seed, tokenizer_fingerprint, train_epochs, warn_if_no_signal, write_shard,
     save_pretrained_atomic, SHARD_FORMAT_VERSION, log_ratio)
 
 
@@ -81,15 +81,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-samples", type=int, default=4, help="samples per held-out problem")
     p.add_argument("--kl-rollouts", type=int, default=256, help="rollouts of D for the exact-KL curve")
     # system
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights' dtype (bfloat16: inference only)")
-    p.add_argument("--autocast", default=None, choices=["bfloat16", "float16"], help="mixed precision over float32 weights (GPU training)")
-    p.add_argument("--attn-implementation", default="sdpa", help="sdpa / eager / flash_attention_2")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
-    p.add_argument("--dist-timeout-minutes", type=float, default=30.0, help="a failed rank stops the others within this")
-    p.add_argument("--seed", type=int, default=0, help="data subset, sampling and batch order")
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every k steps (and every epoch end)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT's rollouts and checkpoints")
+    add_system_args(p, training=True)
     return p.parse_args(argv)
 
 
@@ -126,8 +118,7 @@ def main(argv=None):
     out = Path(args.out)
     log = JsonlLogger(out / "metrics.jsonl", enabled=ctx.is_main, append=args.resume)
     log.log(event="config", world_size=ctx.world, **vars(args))
-    load = dict(dtype=args.dtype, autocast=args.autocast, device=ctx.device, attn_implementation=args.attn_implementation,
-                trust_remote_code=args.trust_remote_code)
+    load = model_kwargs(args, ctx.device)
     model, tokenizer = load_model(args.model, gradient_checkpointing=args.gradient_checkpointing, **load)
     base, _ = load_model(args.model, **load)  # frozen pi_0: exact-KL curves and the start of pi_U
     base.requires_grad_(False).eval()
@@ -190,31 +181,12 @@ def main(argv=None):
 
     # ---- 3. many epochs of weakly constrained off-policy optimisation on D ---------------------
     def train(policy, sign, tag):
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-        loss_fn = teacher_loss_fn(args, rollouts, base_logp, sign)
-        checkpoint = out / f"checkpoint-{tag}"
-        state = load_checkpoint(checkpoint, policy, optimizer) if args.resume else None
-        state = state or {"epoch": 1, "step": 0, "totals": {}}
-        if state["epoch"] == 1 and state["step"] == 0:
-            log.log(event="epoch", model=tag, epoch=0, **diagnostics(policy, 0))
-        for epoch in range(state["epoch"], args.epochs + 1):
-            def on_step(step, totals):
-                if args.save_every and step % args.save_every == 0:
-                    save_checkpoint(checkpoint, policy, optimizer, {"epoch": epoch, "step": step, "totals": totals}, ctx)
-            stats = train_epoch(policy, optimizer, rollouts, loss_fn, epoch=epoch - 1, ctx=ctx, pad_id=pad_id,
-                                temperature=temperature, batch_size=args.batch_size,
-                                micro_batch=args.micro_batch, seed=args.seed, max_grad_norm=args.max_grad_norm,
-                                desc=f"{tag} epoch {epoch}/{args.epochs}", on_step=on_step,
-                                start_step=state["step"] if epoch == state["epoch"] else 0,
-                                totals=state["totals"] if epoch == state["epoch"] else None)
-            metrics = {"loss": stats["loss"], "grad_norm": stats["grad_norm"],
-                       "clip_fraction": stats["clipped"] / stats["tokens"],
-                       "mean_abs_log_ratio": stats["abs_log_ratio"] / stats["tokens"],
-                       **diagnostics(policy, epoch)}
-            log.log(event="epoch", model=tag, epoch=epoch, **metrics)
-            if ctx.is_main:
-                print(f"[{tag}] epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            save_checkpoint(checkpoint, policy, optimizer, {"epoch": epoch + 1, "step": 0, "totals": {}}, ctx)
+        def summarize(stats):
+            return {"clip_fraction": stats["clipped"] / stats["tokens"],
+                    "mean_abs_log_ratio": stats["abs_log_ratio"] / stats["tokens"]}
+        train_epochs(policy, rollouts, teacher_loss_fn(args, rollouts, base_logp, sign), args=args, ctx=ctx,
+                     pad_id=pad_id, temperature=temperature, checkpoint=out / f"checkpoint-{tag}", log=log,
+                     diagnostics=diagnostics, summarize=summarize, tag=tag)
 
     train(model, +1.0, "teacher")
     signals = {"logp_base": base_logp,

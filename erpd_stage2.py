@@ -27,12 +27,12 @@ from pathlib import Path
 import torch
 
 from common import (
-    load_checkpoint, save_checkpoint,
+    add_system_args, model_kwargs,
     DEFAULT_MODEL, DEFAULT_TEST_DATA, InputError, JsonlLogger, distill_token_advantages, drift_metrics,
     encode_problems, global_batches, heldout_accuracy, init_distributed, kl_penalty, load_model,
     load_problems, log_ratio, model_fingerprint, my_micro_batches, pad_rows, ppo_clip_loss,
     read_teacher_shards, run_main, save_pretrained_atomic, score_rollouts, set_seed,
-    tokenizer_fingerprint, train_epoch)
+    tokenizer_fingerprint, train_epochs)
 
 
 def parse_args(argv=None):
@@ -66,15 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--max-prompt-len", type=int, default=1024, help="longer prompts are skipped or fatal")
     p.add_argument("--sample-batch-size", type=int, default=128, help="sequences per sampling batch")
     # system
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights' dtype (bfloat16: inference only)")
-    p.add_argument("--autocast", default=None, choices=["bfloat16", "float16"], help="mixed precision over float32 weights (GPU training)")
-    p.add_argument("--attn-implementation", default="sdpa", help="sdpa / eager / flash_attention_2")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
-    p.add_argument("--dist-timeout-minutes", type=float, default=30.0, help="a failed rank stops the others within this")
-    p.add_argument("--seed", type=int, default=0, help="data subset, sampling and batch order")
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every k steps (and every epoch end)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    add_system_args(p, training=True)
     return p.parse_args(argv)
 
 
@@ -112,8 +104,7 @@ def main(argv=None):
     out = Path(args.out)
     log = JsonlLogger(out / "metrics.jsonl", enabled=ctx.is_main, append=args.resume)
     log.log(event="config", world_size=ctx.world, **vars(args))
-    load = dict(dtype=args.dtype, autocast=args.autocast, device=ctx.device, attn_implementation=args.attn_implementation,
-                trust_remote_code=args.trust_remote_code)
+    load = model_kwargs(args, ctx.device)
     student, tokenizer = load_model(args.model, gradient_checkpointing=args.gradient_checkpointing, **load)
     base_fp = model_fingerprint(student)
     rollouts, delta, temperature = load_signal(args, base_fp, tokenizer_fingerprint(tokenizer))
@@ -159,40 +150,22 @@ def main(argv=None):
         return loss, {"tokens": mask.sum(), "clipped": (clipped & mask).sum(), "agree": agree.sum(),
                       "moved": ((moved != 0) & mask).sum()}
 
-    def diagnostics(epoch):
-        metrics = drift_metrics(student, rollouts, kl_subset, ctx=ctx, pad_id=pad_id, temperature=temperature,
+    def diagnostics(policy, epoch):
+        metrics = drift_metrics(policy, rollouts, kl_subset, ctx=ctx, pad_id=pad_id, temperature=temperature,
                                 micro_batch=args.micro_batch, ref_model=ref)
         if eval_problems and (epoch % args.eval_every == 0 or epoch == args.epochs):
             metrics["heldout_accuracy"] = heldout_accuracy(
-                student, tokenizer, eval_problems, args.eval_samples, ctx=ctx, seed=args.seed + 1,
+                policy, tokenizer, eval_problems, args.eval_samples, ctx=ctx, seed=args.seed + 1,
                 max_new_tokens=args.max_new_tokens, temperature=temperature, top_p=1.0,
                 batch_size=args.sample_batch_size)
         return metrics
 
     # ---- trust-region distillation epochs ----------------------------------------------------
-    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    checkpoint = out / "checkpoint"
-    state = load_checkpoint(checkpoint, student, optimizer) if args.resume else None
-    state = state or {"epoch": 1, "step": 0, "totals": {}}
-    if state["epoch"] == 1 and state["step"] == 0:
-        log.log(event="epoch", epoch=0, **diagnostics(0))
-    for epoch in range(state["epoch"], args.epochs + 1):
-        def on_step(step, totals):
-            if args.save_every and step % args.save_every == 0:
-                save_checkpoint(checkpoint, student, optimizer, {"epoch": epoch, "step": step, "totals": totals}, ctx)
-        stats = train_epoch(student, optimizer, rollouts, loss_fn, epoch=epoch - 1, ctx=ctx, pad_id=pad_id,
-                            temperature=temperature, batch_size=args.batch_size, micro_batch=args.micro_batch,
-                            seed=args.seed, max_grad_norm=args.max_grad_norm,
-                            desc=f"student epoch {epoch}/{args.epochs}", on_step=on_step,
-                            start_step=state["step"] if epoch == state["epoch"] else 0,
-                            totals=state["totals"] if epoch == state["epoch"] else None)
-        metrics = {"loss": stats["loss"], "grad_norm": stats["grad_norm"],
-                   "clip_fraction": stats["clipped"] / stats["tokens"],
-                   "sign_agreement": stats["agree"] / max(stats["moved"], 1.0), **diagnostics(epoch)}
-        log.log(event="epoch", epoch=epoch, **metrics)
-        if ctx.is_main:
-            print(f"[student] epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        save_checkpoint(checkpoint, student, optimizer, {"epoch": epoch + 1, "step": 0, "totals": {}}, ctx)
+    def summarize(stats):
+        return {"clip_fraction": stats["clipped"] / stats["tokens"],
+                "sign_agreement": stats["agree"] / max(stats["moved"], 1.0)}
+    train_epochs(student, rollouts, loss_fn, args=args, ctx=ctx, pad_id=pad_id, temperature=temperature,
+                 checkpoint=out / "checkpoint", log=log, diagnostics=diagnostics, summarize=summarize, tag="student")
     if ctx.is_main:
         save_pretrained_atomic(student, tokenizer, out / "student",
                                {"stage": 2, "base_fingerprint": base_fp, "teachers": args.teacher})

@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 
 from common import (
+    add_system_args, model_kwargs,
     DEFAULT_MODEL, DEFAULT_TEST_DATA, InputError, atomic_write_text, encode_problems, init_distributed,
     load_model, load_problems, progress, run_main, sample_and_score, score_rollouts, set_seed)
 
@@ -45,11 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--sample-batch-size", type=int, default=128, help="sequences per sampling batch")
     p.add_argument("--micro-batch", type=int, default=32, help="sequences per scoring forward")
     p.add_argument("--json", default=None, help="write {'models': {NAME: {metric: value}}} here")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights' dtype (bfloat16: inference only)")
-    p.add_argument("--autocast", default=None, choices=["bfloat16", "float16"], help="mixed precision over float32 weights (GPU training)")
-    p.add_argument("--attn-implementation", default="sdpa", help="sdpa / eager / flash_attention_2")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
     p.add_argument("--seed", type=int, default=1234, help="problem subset and sampling")
+    add_system_args(p, training=False)
     return p.parse_args(argv)
 
 
@@ -85,8 +83,7 @@ def main(argv=None):
     if any("=" not in s for s in specs):
         raise InputError(f"--model expects NAME=PATH, got {[s for s in specs if '=' not in s]}")
     names = [s.split("=", 1) for s in specs]
-    load = dict(dtype=args.dtype, autocast=args.autocast, device=ctx.device, attn_implementation=args.attn_implementation,
-                trust_remote_code=args.trust_remote_code)
+    load = model_kwargs(args, ctx.device)
     ref, ref_tokenizer = load_model(args.ref, **load)
     ref.requires_grad_(False).eval()
     problems = load_problems(args.data, args.split, num=args.num_prompts, seed=args.seed)
