@@ -1561,6 +1561,8 @@ def drift_metrics(policy, rollouts: list[dict], indices: list[int], *, ctx, pad_
     scores = [s for s in score_rollouts(policy, rollouts, micro_batches, pad_id=pad_id, temperature=temperature,
                                         ctx=ctx, ref_model=ref_model, desc="drift on D") if s is not None]
     n_tokens = sum(len(s["logp"]) for s in scores)
+    if n_tokens == 0:
+        return {}
     metrics = {"entropy": sum(s["entropy"].sum().item() for s in scores) / n_tokens,
                "logp_sampled": sum(s["logp"].sum().item() for s in scores) / n_tokens}
     if ref_model is not None:
