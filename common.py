@@ -189,6 +189,8 @@ def add_system_args(p, training: bool = True) -> None:
         p.add_argument("--seed", type=int, default=0, help="data subset, sampling and batch order")
         p.add_argument("--save-every", type=int, default=0, help="checkpoint every k steps (and every epoch end)")
         p.add_argument("--resume", action="store_true", help="continue from OUT's rollouts and checkpoints")
+        p.add_argument("--chunked-lm-head", action="store_true",
+                       help="training log-probs from hidden states chunk by chunk: no [B, T, V] logits")
 
 
 def model_kwargs(args, device) -> dict:
@@ -1423,6 +1425,56 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: floa
     return _TokenLogprob.apply(logits, labels, float(temperature))
 
 
+class _LMHeadLogprob(torch.autograd.Function):
+    """log softmax(h W^T / T)[label] for hidden rows h, chunk by chunk: logits are never whole.
+
+    Forward keeps only the [N] log-sum-exp; backward recomputes each chunk's logits and returns
+    the gradients for the hidden states and the LM-head weight (accumulated in float32).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, temperature):
+        w = weight.to(hidden.dtype)
+        out = torch.empty(labels.shape[0], dtype=_upcast(hidden[:0]).dtype, device=hidden.device)
+        lse = torch.empty_like(out)
+        step = _rows_per_chunk(weight.shape[0])
+        for s in range(0, hidden.shape[0], step):
+            x = _upcast(hidden[s:s + step] @ w.T) / temperature
+            lse[s:s + step] = torch.logsumexp(x, dim=-1)
+            out[s:s + step] = x.gather(1, labels[s:s + step, None]).squeeze(1) - lse[s:s + step]
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.temperature = temperature
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        w = weight.to(hidden.dtype)
+        grad_h = torch.empty_like(hidden)
+        grad_w = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device)
+        step = _rows_per_chunk(weight.shape[0])
+        for s in range(0, hidden.shape[0], step):
+            h, g = hidden[s:s + step], grad_out[s:s + step, None].to(lse.dtype)
+            x = _upcast(h @ w.T) / ctx.temperature
+            d = torch.exp(x - lse[s:s + step, None]).mul_(-g)
+            d.scatter_add_(1, labels[s:s + step, None], g)
+            d = (d / ctx.temperature).to(hidden.dtype)                       # d logp / d logits
+            grad_h[s:s + step] = d @ w
+            grad_w += (d.T @ h).to(grad_w.dtype)
+        return grad_h, grad_w.to(weight.dtype), None, None
+
+
+def lm_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                     temperature: float = 1.0) -> torch.Tensor:
+    """token_logprobs(hidden @ weight.T, labels) without materialising the logits.
+
+    hidden [..., H], weight [V, H] (a bias-free nn.Linear LM head), labels [...] -> [...] float32.
+    """
+    flat = _LMHeadLogprob.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
+                                float(temperature))
+    return flat.view(labels.shape)
+
+
 def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Entropy of softmax(logits / temperature) per position: [..., V] -> [...] float32.
 
@@ -1504,9 +1556,27 @@ def response_logits(model, batch: dict) -> torch.Tensor:
     return out.logits[:, :-1]
 
 
-def response_logprobs(model, batch: dict, temperature: float) -> torch.Tensor:
-    """log pi(y_t | s_t) of the response tokens with the training forward: [B, T] float32, 0 at padding."""
-    logp = token_logprobs(response_logits(model, batch), batch["labels"], temperature)
+def chunked_lm_head_ok(model) -> bool:
+    """The chunked LM-head path needs a plain bias-free linear head (no logit scaling / soft-capping)."""
+    head = model.get_output_embeddings()
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return (type(head) is torch.nn.Linear and head.bias is None
+            and not getattr(config, "final_logit_softcapping", None) and getattr(config, "logit_scale", 1.0) == 1.0)
+
+
+def response_logprobs(model, batch: dict, temperature: float, chunked_lm_head: bool = False) -> torch.Tensor:
+    """log pi(y_t | s_t) of the response tokens with the training forward: [B, T] float32, 0 at padding.
+
+    chunked_lm_head: run the decoder only, slice the response positions' hidden states, and
+    compute log-probs and their gradient chunk by chunk (lm_head_logprobs): no [B, T, V] logits.
+    """
+    if not chunked_lm_head:
+        return token_logprobs(response_logits(model, batch), batch["labels"], temperature) * batch["mask"]
+    width = batch["labels"].shape[1]
+    hidden = forward(model.get_decoder(), input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+    hidden = hidden[:, -width - 1:-1]
+    logp = lm_head_logprobs(hidden, model.get_output_embeddings().weight, batch["labels"], temperature)
     return logp * batch["mask"]
 
 
@@ -1645,7 +1715,7 @@ def distill_token_advantages(delta, clip_c: float = 2.0, alpha: float = 0.0, seq
 
 def train_epoch(model, optimizer, rollouts: list[dict], loss_fn, *, epoch: int, ctx, pad_id: int,
                 temperature: float, batch_size: int, micro_batch: int, seed: int,
-                max_grad_norm: float, desc: str = "train", start_step: int = 0,
+                max_grad_norm: float, desc: str = "train", start_step: int = 0, chunked_lm_head: bool = False,
                 on_step=None, totals: dict[str, float] | None = None) -> dict[str, float]:
     """One pass over the fixed rollouts: global batches, this rank's micro-batches, one step each.
 
@@ -1669,7 +1739,8 @@ def train_epoch(model, optimizer, rollouts: list[dict], loss_fn, *, epoch: int, 
         step_loss = 0.0
         for mb in my_micro_batches(batch, ctx, micro_batch):
             packed = pack_rollouts([rollouts[i] for i in mb], pad_id, device)
-            loss, stats = loss_fn(mb, packed, response_logprobs(model, packed, temperature), counts)
+            logp = response_logprobs(model, packed, temperature, chunked_lm_head)
+            loss, stats = loss_fn(mb, packed, logp, counts)
             loss.backward()
             step_loss += loss.item()
             for k, v in stats.items():
@@ -1712,6 +1783,7 @@ def train_epochs(policy, rollouts: list[dict], loss_fn, *, args, ctx, pad_id: in
                             temperature=temperature, batch_size=args.batch_size, micro_batch=args.micro_batch,
                             seed=args.seed, max_grad_norm=args.max_grad_norm, desc=f"{tag} epoch {epoch}/{args.epochs}",
                             on_step=on_step, start_step=state["step"] if resumed else 0,
+                            chunked_lm_head=args.chunked_lm_head and chunked_lm_head_ok(policy),
                             totals=state["totals"] if resumed else None)
         metrics = {"loss": stats["loss"], "grad_norm": stats["grad_norm"], **summarize(stats),
                    **diagnostics(policy, epoch)}
