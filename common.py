@@ -1409,10 +1409,14 @@ class _TokenLogprob(torch.autograd.Function):
         grad = torch.empty_like(flat)
         step = _rows_per_chunk(flat.shape[-1])
         for s in range(0, flat.shape[0], step):
-            x = _upcast(flat[s:s + step]) / ctx.temperature
-            g = torch.exp(x - lse[s:s + step, None]).mul_(-g_out[s:s + step, None])  # -p * g
-            g.scatter_add_(1, lab[s:s + step, None], g_out[s:s + step, None])      # + onehot * g
-            grad[s:s + step] = (g / ctx.temperature).to(flat.dtype)
+            g = flat[s:s + step].to(lse.dtype, copy=True)  # one working copy, then in place
+            if ctx.temperature != 1.0:
+                g.div_(ctx.temperature)
+            g.sub_(lse[s:s + step, None]).exp_().mul_(-g_out[s:s + step, None])  # -p * g
+            g.scatter_add_(1, lab[s:s + step, None], g_out[s:s + step, None])   # + onehot * g
+            if ctx.temperature != 1.0:
+                g.div_(ctx.temperature)
+            grad[s:s + step] = g
         return grad.view(logits.shape), None, None
 
 
