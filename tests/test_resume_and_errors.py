@@ -130,3 +130,12 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(uninterrupted, tmp
     state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
     weights = load_file(str(tmp_path / "checkpoint" / "model.safetensors"))
     assert all(v.isfinite().all() for v in weights.values()) and state["epoch"] >= 1
+
+
+def test_truncation_and_no_signal_are_warned(tmp_path):
+    proc = run("erpd_stage1.py", "--num-prompts", "4", "--samples-per-prompt", "2", "--max-new-tokens", "4",
+               "--epochs", "1", "--eval-every", "0", "--kl-rollouts", "4", "--out", tmp_path)
+    assert "hit --max-new-tokens" in proc.stderr and "identical rewards" in proc.stderr
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    record = next(r for r in records if r["event"] == "rollouts")
+    assert record["truncated"] == 1.0 and record["groups_with_signal"] == 0.0
