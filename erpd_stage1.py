@@ -120,7 +120,7 @@ def main(argv=None):
     log.log(event="config", world_size=ctx.world, **vars(args))
     load = model_kwargs(args, ctx.device)
     model, tokenizer = load_model(args.model, gradient_checkpointing=args.gradient_checkpointing, **load)
-    base, _ = load_model(args.model, **load)  # frozen pi_0: exact-KL curves and the start of pi_U
+    base, _ = load_model(args.model, **load)  # frozen pi_0, for the exact-KL curves on D
     base.requires_grad_(False).eval()
     fingerprints = {"base_fingerprint": model_fingerprint(base), "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)}
     temperature = args.temperature if args.temperature > 0 else 1.0
