@@ -1851,7 +1851,18 @@ def write_shard(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     digest = sha256_file(tmp)
     os.replace(tmp, path)
+    atomic_write_text(path.with_name(path.name + ".sha256"), digest)  # written last: the shard is complete
     return digest
+
+
+def intact_shard(path) -> str | None:
+    """The sha256 of a shard that write_shard finished and nothing has altered since, else None."""
+    path = Path(path)
+    record = path.with_name(path.name + ".sha256")
+    if not path.is_file() or not record.is_file():
+        return None
+    digest = record.read_text().strip()
+    return digest if sha256_file(path) == digest else None
 
 
 def rollouts_to_shard(rollouts: list[dict], signals: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:

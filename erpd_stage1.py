@@ -33,7 +33,7 @@ from common import (
     add_system_args, model_kwargs,
     DEFAULT_MODEL, DEFAULT_TEST_DATA, DEFAULT_TRAIN_DATA, InputError, JsonlLogger, all_gather_objects,
     atomic_write_text, ce_loss, encode_problems, group_advantages, init_distributed, kl_penalty, load_model,
-    load_problems, model_fingerprint, drift_metrics, heldout_accuracy, mse_loss, my_micro_batches, global_batches, pad_rows,
+    load_problems, model_fingerprint, drift_metrics, heldout_accuracy, intact_shard, mse_loss, my_micro_batches, global_batches, pad_rows,
     ppo_clip_loss, rollout_health, rollouts_to_shard, run_main, sample_and_score, sapo_loss,
     score_rollouts, set_seed, tokenizer_fingerprint, train_epochs, warn_if_no_signal, write_shard,
     save_pretrained_atomic, SHARD_FORMAT_VERSION, log_ratio)
@@ -188,33 +188,43 @@ def main(argv=None):
                      pad_id=pad_id, temperature=temperature, checkpoint=out / f"checkpoint-{tag}", log=log,
                      diagnostics=diagnostics, summarize=summarize, tag=tag)
 
+    # a resumed run keeps the shards a previous run finished (sha256 checked) if every rank has its own
+    shard_name = f"rank{ctx.rank:05d}-of-{ctx.world:05d}.safetensors"
+    keep_shards = all(all_gather_objects(bool(args.resume and intact_shard(out / "shards" / shard_name)), ctx))
+    signal_names = ["logp_base", "logp_teacher"] + (["logp_unlearned"] if args.unlearn else [])
+    signals = {"logp_base": base_logp}
+
+    def score(policy, name):
+        if not keep_shards:
+            signals[name] = [s["logp"] for s in score_rollouts(policy, rollouts, layout, pad_id=pad_id,
+                                                               temperature=temperature, ctx=ctx, desc=name)]
+
     train(model, +1.0, "teacher")
-    signals = {"logp_base": base_logp,
-               "logp_teacher": [s["logp"] for s in score_rollouts(model, rollouts, layout, pad_id=pad_id,
-                                                                        temperature=temperature, ctx=ctx,
-                                                                        desc="log pi_T")]}
+    score(model, "logp_teacher")
     if ctx.is_main:
         save_pretrained_atomic(model, tokenizer, out / "teacher", {"stage": 1, **fingerprints})
     if args.unlearn:
         del model
         unlearned, _ = load_model(args.model, gradient_checkpointing=args.gradient_checkpointing, **load)
         train(unlearned, -1.0, "unlearned")
-        signals["logp_unlearned"] = [s["logp"] for s in score_rollouts(
-            unlearned, rollouts, layout, pad_id=pad_id, temperature=temperature, ctx=ctx, desc="log pi_U")]
+        score(unlearned, "logp_unlearned")
         if ctx.is_main:
             save_pretrained_atomic(unlearned, tokenizer, out / "unlearned", {"stage": 1, **fingerprints})
 
     # ---- 4. shards: this rank writes rollouts[rank::world]; rank 0 writes the manifest ----------
     mine = list(range(ctx.rank, len(rollouts), ctx.world))
-    shard_name = f"rank{ctx.rank:05d}-of-{ctx.world:05d}.safetensors"
-    tensors = rollouts_to_shard([rollouts[i] for i in mine],
-                                {k: [v[i] for i in mine] for k, v in signals.items()})
-    digest = write_shard(out / "shards" / shard_name, tensors)
+    if keep_shards:
+        digest = intact_shard(out / "shards" / shard_name)
+        if ctx.is_main:
+            print(f"kept the finished shards in {out}/shards")
+    else:
+        tensors = rollouts_to_shard([rollouts[i] for i in mine], {k: [signals[k][i] for i in mine] for k in signal_names})
+        digest = write_shard(out / "shards" / shard_name, tensors)
     entries = all_gather_objects({"file": shard_name, "rows": len(mine), "sha256": digest}, ctx)
     if ctx.is_main:
         manifest = {"format_version": SHARD_FORMAT_VERSION, **fingerprints, "base_model": args.model,
                     "temperature": temperature, "samples_per_prompt": group_size,
-                    "num_rows": len(rollouts), "signals": sorted(signals), "shards": entries,
+                    "num_rows": len(rollouts), "signals": signal_names, "shards": entries,
                     "config": vars(args), "world_size": ctx.world}
         atomic_write_text(out / "shards" / "manifest.json", json.dumps(manifest, indent=1))
         print(f"wrote {out}/teacher and {len(entries)} shard(s) with {len(rollouts)} rollouts to {out}/shards")

@@ -63,6 +63,16 @@ def test_stage1_killed_and_resumed_matches_uninterrupted(uninterrupted, tmp_path
     full = json.loads((uninterrupted / "s1" / "shards" / "manifest.json").read_text())
     resumed = json.loads((tmp_path / "shards" / "manifest.json").read_text())
     assert [s["sha256"] for s in full["shards"]] == [s["sha256"] for s in resumed["shards"]]
+    # resuming a finished run keeps its shards (sha256 checked) instead of rewriting them
+    shard = next((tmp_path / "shards").glob("*.safetensors"))
+    written = shard.stat().st_mtime_ns
+    proc = run("erpd_stage1.py", "--out", tmp_path, "--resume", *STAGE1)
+    assert "kept the finished shards" in proc.stdout and shard.stat().st_mtime_ns == written
+    # ... unless a shard was altered: then it is rewritten
+    shard.write_bytes(shard.read_bytes()[:-10])
+    proc = run("erpd_stage1.py", "--out", tmp_path, "--resume", *STAGE1)
+    assert "kept the finished shards" not in proc.stdout
+    assert json.loads((tmp_path / "shards" / "manifest.json").read_text())["shards"] == resumed["shards"]
 
 
 def test_stage2_killed_and_resumed_matches_uninterrupted(uninterrupted, tmp_path):
