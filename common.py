@@ -15,6 +15,7 @@ Pure functions (sections 3-5) take tensors and return tensors; tests call them w
 from __future__ import annotations
 
 import cmath
+import contextlib
 import datetime
 import functools
 import hashlib
@@ -49,6 +50,9 @@ def run_main(main) -> None:
     """Run a script's main(); turn InputError into a one-line message and exit code 2."""
     try:
         main()
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # a rank that exits while a peer still talks to it can abort that peer (gloo)
+            dist.destroy_process_group()
     except InputError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         if dist.is_available() and dist.is_initialized():
@@ -191,6 +195,8 @@ def add_system_args(p, training: bool = True) -> None:
         p.add_argument("--resume", action="store_true", help="continue from OUT's rollouts and checkpoints")
         p.add_argument("--chunked-lm-head", action="store_true",
                        help="training log-probs from hidden states chunk by chunk: no [B, T, V] logits")
+        p.add_argument("--fsdp", action="store_true",
+                       help="FSDP2: shard weights, gradients and AdamW state over ranks (models too big for one GPU)")
 
 
 def model_kwargs(args, device) -> dict:
@@ -238,6 +244,26 @@ def load_model(path: str, dtype: str = "float32", device: str | torch.device = "
     model.name_or_path = path
     model.erpd_autocast = DTYPES[autocast] if autocast else None
     return model, tokenizer
+
+
+def load_policy(args, ctx):
+    """The model to train, from add_system_args' flags: on ctx.device, or with --fsdp loaded on
+    CPU and sharded over the ranks (each rank moves only its shard to its GPU)."""
+    if args.fsdp and args.chunked_lm_head:
+        raise InputError("--chunked-lm-head calls the decoder outside the FSDP root: use one or the other")
+    model, tokenizer = load_model(args.model, gradient_checkpointing=args.gradient_checkpointing,
+                                  **model_kwargs(args, "cpu" if args.fsdp else ctx.device))
+    if args.fsdp:
+        shard_model(model, ctx, model.erpd_autocast)
+    return model, tokenizer
+
+
+def load_reference(args):
+    """A frozen copy of pi_0 for the exact-KL diagnostics. It stays on CPU and visits the GPU only
+    while drift_metrics runs, so training memory is that of the policy alone (METHOD: no second
+    model during training)."""
+    ref, _ = load_model(args.model, **model_kwargs(args, "cpu"))
+    return ref.requires_grad_(False).eval()
 
 
 def forward(model, **inputs):
@@ -354,10 +380,11 @@ def sample_and_score(model, tokenizer, problems: list[dict], samples_per_prompt:
     mine = problems[ctx.rank::ctx.world]
     prompts = [p["prompt_ids"] for p in mine for _ in range(samples_per_prompt)]
     generator = torch.Generator(device=ctx.device).manual_seed(seed * 1000 + ctx.rank)
-    responses = sample_responses(
-        model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-        stop_ids=stop_token_ids(model, tokenizer), pad_id=tokenizer.pad_token_id, generator=generator,
-        batch_size=batch_size, show_progress=ctx.is_main) if prompts else []
+    with full_weights(model):  # ranks sample different numbers of tokens: no collective inside
+        responses = sample_responses(
+            model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            stop_ids=stop_token_ids(model, tokenizer), pad_id=tokenizer.pad_token_id, generator=generator,
+            batch_size=batch_size, show_progress=ctx.is_main) if prompts else []
     rollouts = []
     for k, resp in enumerate(responses):
         p = mine[k // samples_per_prompt]
@@ -1429,43 +1456,58 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: floa
     return _TokenLogprob.apply(logits, labels, float(temperature))
 
 
+LM_HEAD_CHUNK_ELEMENTS = 1 << 22  # the LM head's GEMMs want more rows per chunk than a softmax does
+
+
 class _LMHeadLogprob(torch.autograd.Function):
     """log softmax(h W^T / T)[label] for hidden rows h, chunk by chunk: logits are never whole.
 
     Forward keeps only the [N] log-sum-exp; backward recomputes each chunk's logits and returns
     the gradients for the hidden states and the LM-head weight (accumulated in float32).
+    The GEMMs run in one `compute_dtype` in both passes (autocast's dtype if it is on, else the
+    hidden states'), with autocast off: backward runs outside autocast, and logits recomputed in
+    another dtype than the forward's would not match its log-sum-exp (a biased gradient).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, temperature):
-        w = weight.to(hidden.dtype)
+    def forward(ctx, hidden, weight, labels, temperature, compute_dtype):
         out = torch.empty(labels.shape[0], dtype=_upcast(hidden[:0]).dtype, device=hidden.device)
         lse = torch.empty_like(out)
-        step = _rows_per_chunk(weight.shape[0])
-        for s in range(0, hidden.shape[0], step):
-            x = _upcast(hidden[s:s + step] @ w.T) / temperature
-            lse[s:s + step] = torch.logsumexp(x, dim=-1)
-            out[s:s + step] = x.gather(1, labels[s:s + step, None]).squeeze(1) - lse[s:s + step]
+        step = max(16, LM_HEAD_CHUNK_ELEMENTS // weight.shape[0])
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(compute_dtype)
+            for s in range(0, hidden.shape[0], step):
+                x = _upcast(hidden[s:s + step].to(compute_dtype) @ w.T) / temperature
+                lse[s:s + step] = torch.logsumexp(x, dim=-1)
+                out[s:s + step] = x.gather(1, labels[s:s + step, None]).squeeze(1) - lse[s:s + step]
         ctx.save_for_backward(hidden, weight, labels, lse)
-        ctx.temperature = temperature
+        ctx.temperature, ctx.compute_dtype = temperature, compute_dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, labels, lse = ctx.saved_tensors
-        w = weight.to(hidden.dtype)
+        step = max(16, LM_HEAD_CHUNK_ELEMENTS // weight.shape[0])
         grad_h = torch.empty_like(hidden)
         grad_w = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device)
-        step = _rows_per_chunk(weight.shape[0])
-        for s in range(0, hidden.shape[0], step):
-            h, g = hidden[s:s + step], grad_out[s:s + step, None].to(lse.dtype)
-            x = _upcast(h @ w.T) / ctx.temperature
-            d = torch.exp(x - lse[s:s + step, None]).mul_(-g)
-            d.scatter_add_(1, labels[s:s + step, None], g)
-            d = (d / ctx.temperature).to(hidden.dtype)                       # d logp / d logits
-            grad_h[s:s + step] = d @ w
-            grad_w += (d.T @ h).to(grad_w.dtype)
-        return grad_h, grad_w.to(weight.dtype), None, None
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(ctx.compute_dtype)
+            for s in range(0, hidden.shape[0], step):
+                h, g = hidden[s:s + step].to(ctx.compute_dtype), grad_out[s:s + step, None].to(lse.dtype)
+                d = _upcast(h @ w.T)                                   # the forward's logits, recomputed
+                if ctx.temperature != 1.0:
+                    d.div_(ctx.temperature)
+                d.sub_(lse[s:s + step, None]).exp_().mul_(-g)          # -p * g
+                d.scatter_add_(1, labels[s:s + step, None], g)         # + onehot * g
+                if ctx.temperature != 1.0:
+                    d.div_(ctx.temperature)                            # d logp / d logits
+                d = d.to(ctx.compute_dtype)
+                grad_h[s:s + step] = d @ w
+                if d.dtype == grad_w.dtype:
+                    grad_w.addmm_(d.T, h)
+                else:
+                    grad_w += (d.T @ h).to(grad_w.dtype)
+        return grad_h, grad_w.to(weight.dtype), None, None, None
 
 
 def lm_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -1474,8 +1516,10 @@ def lm_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
 
     hidden [..., H], weight [V, H] (a bias-free nn.Linear LM head), labels [...] -> [...] float32.
     """
+    device_type = hidden.device.type
+    compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
     flat = _LMHeadLogprob.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
-                                float(temperature))
+                                float(temperature), compute_dtype)
     return flat.view(labels.shape)
 
 
@@ -1554,10 +1598,11 @@ def pack_rollouts(rollouts: list[dict], pad_id: int, device) -> dict[str, torch.
 
 def response_logits(model, batch: dict) -> torch.Tensor:
     """Logits at the positions that predict response tokens only: [B, T, V] in the model's dtype."""
-    width = batch["labels"].shape[1]
+    length, width = batch["input_ids"].shape[1], batch["labels"].shape[1]
+    keep = torch.arange(length - width - 1, length - 1, device=batch["input_ids"].device)
     out = forward(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                  position_ids=batch["position_ids"], use_cache=False, logits_to_keep=width + 1)
-    return out.logits[:, :-1]
+                  position_ids=batch["position_ids"], use_cache=False, logits_to_keep=keep)
+    return out.logits  # exactly the T predicting positions: contiguous, no strided view to copy later
 
 
 def chunked_lm_head_ok(model) -> bool:
@@ -1605,19 +1650,20 @@ def score_rollouts(model, rollouts: list[dict], micro_batches: list[list[int]], 
     model.eval()
     device = next(model.parameters()).device
     mine = {}
-    for mb in progress(micro_batches, enabled=ctx.is_main, desc=desc):
-        chunk = [rollouts[i] for i in mb]
-        batch = pack_rollouts(chunk, pad_id, device)
-        logits = response_logits(model, batch)
-        scores = {"logp": token_logprobs(logits, batch["labels"], temperature),
-                  "entropy": token_entropy(logits, temperature)}
-        if ref_model is not None:
-            ref_logits = response_logits(ref_model, batch)
-            scores["ref_logp"] = token_logprobs(ref_logits, batch["labels"], temperature)
-            scores["kl"] = token_kl(logits, ref_logits, temperature)
-        for row, i in enumerate(mb):
-            n = len(rollouts[i]["response_ids"])
-            mine[i] = {k: v[row, :n].float().cpu() for k, v in scores.items()}
+    with full_weights(model):  # ranks may hold different numbers of micro-batches
+        for mb in progress(micro_batches, enabled=ctx.is_main, desc=desc):
+            chunk = [rollouts[i] for i in mb]
+            batch = pack_rollouts(chunk, pad_id, device)
+            logits = response_logits(model, batch)
+            scores = {"logp": token_logprobs(logits, batch["labels"], temperature),
+                      "entropy": token_entropy(logits, temperature)}
+            if ref_model is not None:
+                ref_logits = response_logits(ref_model, batch)
+                scores["ref_logp"] = token_logprobs(ref_logits, batch["labels"], temperature)
+                scores["kl"] = token_kl(logits, ref_logits, temperature)
+            for row, i in enumerate(mb):
+                n = len(rollouts[i]["response_ids"])
+                mine[i] = {k: v[row, :n].float().cpu() for k, v in scores.items()}
     model.train(was_training)
     results: list[dict | None] = [None] * len(rollouts)
     for part in all_gather_objects(mine, ctx):
@@ -1632,8 +1678,12 @@ def drift_metrics(policy, rollouts: list[dict], indices: list[int], *, ctx, pad_
     with ref_model the exact token KL(policy || ref) over the full vocabulary: the drift curves."""
     mine = indices[ctx.rank::ctx.world]
     micro_batches = [mine[s:s + micro_batch] for s in range(0, len(mine), micro_batch)]
+    if ref_model is not None:
+        ref_model.to(ctx.device)  # load_reference keeps it on CPU between diagnostics
     scores = [s for s in score_rollouts(policy, rollouts, micro_batches, pad_id=pad_id, temperature=temperature,
                                         ctx=ctx, ref_model=ref_model, desc="drift on D") if s is not None]
+    if ref_model is not None:
+        ref_model.to("cpu")
     n_tokens = sum(len(s["logp"]) for s in scores)
     if n_tokens == 0:
         return {}
@@ -1741,10 +1791,19 @@ def train_epoch(model, optimizer, rollouts: list[dict], loss_fn, *, epoch: int, 
         counts = {"tokens": sum(len(rollouts[i]["response_ids"]) for i in batch), "seqs": len(batch)}
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
-        for mb in my_micro_batches(batch, ctx, micro_batch):
+        mine = my_micro_batches(batch, ctx, micro_batch)
+        if is_sharded(model):  # FSDP gathers weights in every forward / backward: all ranks run as many
+            most = -(-len(batch[0::ctx.world]) // micro_batch)
+            mine += [None] * (most - len(mine))
+        for mb in mine:
+            padding = mb is None  # a rank with less work runs one rollout at zero weight
+            mb = mb or batch[:1]
             packed = pack_rollouts([rollouts[i] for i in mb], pad_id, device)
             logp = response_logprobs(model, packed, temperature, chunked_lm_head)
             loss, stats = loss_fn(mb, packed, logp, counts)
+            if padding:
+                (loss * 0.0).backward()
+                continue
             loss.backward()
             step_loss += loss.item()
             for k, v in stats.items():
@@ -1752,6 +1811,8 @@ def train_epoch(model, optimizer, rollouts: list[dict], loss_fn, *, epoch: int, 
         all_reduce_gradients(model, ctx)
         step_loss = all_reduce_sum([step_loss], ctx)[0]
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor over the ranks' shards
+            grad_norm = grad_norm.full_tensor()
         check_finite(torch.tensor(step_loss), f"loss at epoch {epoch}")
         check_finite(grad_norm, f"gradient norm at epoch {epoch}")
         optimizer.step()
@@ -1828,6 +1889,8 @@ def model_fingerprint(model) -> str:
     """
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
+        if hasattr(p, "full_tensor"):  # FSDP shard: every rank calls this together
+            p = p.full_tensor()
         flat = p.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // 4096)][:4096].to("cpu", torch.bfloat16).view(torch.int16)
         h.update(f"{name}:{tuple(p.shape)}:".encode())
@@ -2000,7 +2063,7 @@ def all_reduce_gradients(model, ctx: Context) -> None:
     A parameter without a gradient on this rank (no micro-batch here) contributes zeros, so every
     rank makes the same collective calls whatever its share of the batch: no hang.
     """
-    if ctx.world == 1:
+    if ctx.world == 1 or is_sharded(model):  # FSDP reduce-scatters (sums) in backward itself
         return
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
@@ -2019,6 +2082,74 @@ def all_reduce_gradients(model, ctx: Context) -> None:
                 g.copy_(flat[offset:offset + g.numel()].view_as(g))
                 offset += g.numel()
             bucket, size = [], 0
+
+
+def shard_model(model, ctx: Context, compute_dtype: torch.dtype | None = None):
+    """FSDP2: `fully_shard` every decoder layer, then the root; each rank keeps 1 / world of the
+    weights, gradients and AdamW state, on ctx.device.
+
+    Gradients are summed over ranks, not averaged: losses are already divided by the global token
+    count (divide factor 1; SUM collectives, which gloo supports too). compute_dtype (--autocast):
+    float32 master weights, layers run in bf16 / fp16, gradients reduced in float32.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    if not dist.is_initialized():  # one process without torchrun: FSDP still wants a process group
+        dist.init_process_group("nccl" if ctx.device.type == "cuda" else "gloo", store=dist.HashStore(),
+                                rank=0, world_size=1)
+    mesh = init_device_mesh(ctx.device.type, (ctx.world,))
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    layer_classes = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+    if not layers:
+        raise InputError(f"--fsdp: {type(model).__name__} does not name its decoder layers (_no_split_modules)")
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def full_weights(model):
+    """Under FSDP, gather the whole model once (all ranks together); inside, every rank may run any
+    number of forwards with no collective (sampling and scoring do unequal work per rank).
+    Resharded on exit. A no-op for an unsharded model."""
+    if not is_sharded(model):
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in modules:
+        m.unshard()
+    model.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.reshard()
+            m.set_reshard_after_forward(m is not model, recurse=False)  # FSDP's default: root stays whole
+
+
+def full_state_dicts(model, optimizer=None) -> tuple[dict, dict | None]:
+    """The whole model's (and optimizer's) state on CPU, keyed by parameter name; under FSDP every
+    rank must call this and only rank 0 receives the tensors."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    return model_state, get_optimizer_state_dict(model, optimizer, options=options) if optimizer else None
 
 
 def all_reduce_sum(values: list[float], ctx: Context) -> list[float]:
@@ -2077,11 +2208,32 @@ def check_finite(value: torch.Tensor, what: str) -> None:
                          "stopping before the update (lower --lr, or check the data)")
 
 
-def save_pretrained_atomic(model, tokenizer, out_dir, extra_json: dict | None = None) -> None:
-    """save_pretrained into a temp folder, then rename over `out_dir`: a crash leaves the old one."""
-    out_dir = Path(out_dir)
+def save_pretrained_atomic(model, tokenizer, out_dir, ctx: Context, extra_json: dict | None = None) -> None:
+    """Rank 0 writes save_pretrained into a temp folder, then renames it over `out_dir`: a crash
+    leaves the old one. Every rank calls it (an FSDP model is gathered first) and waits for the write."""
+    sharded = is_sharded(model)
+    state = full_state_dicts(model)[0] if sharded else None
+    if state is not None:  # gathered tied weights are separate copies: keep the first name only, as HF does
+        names: dict[int, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), []).append(name)
+        for tied in names.values():
+            for name in tied[1:]:
+                state.pop(name, None)
+    if ctx.is_main:
+        _save_pretrained_atomic(model, tokenizer, Path(out_dir), state, extra_json)
+    if ctx.world > 1:
+        dist.barrier()
+
+
+def _save_pretrained_atomic(model, tokenizer, out_dir: Path, state, extra_json) -> None:
     tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
+    if state is not None:  # FSDP subclasses the model: record the Hugging Face class, not FSDP's
+        from torch.distributed.fsdp import FSDPModule
+
+        model.config.architectures = [c.__name__ for c in type(model).__bases__ if not issubclass(c, FSDPModule)]
+        model.config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if extra_json:
         (tmp / "erpd.json").write_text(json.dumps(extra_json, indent=1))
@@ -2098,17 +2250,24 @@ def save_pretrained_atomic(model, tokenizer, out_dir, extra_json: dict | None = 
 def save_checkpoint(directory, model, optimizer, state: dict, ctx: Context) -> None:
     """Model weights (safetensors), optimizer state and the data position, written atomically.
 
-    `state` is JSON (epoch, step, phase, running stats); every rank waits for rank 0 to finish,
+    Whole (unsharded) states keyed by parameter name, so a checkpoint resumes with or without
+    --fsdp. `state` is JSON (epoch, step, running stats); every rank waits for rank 0 to finish,
     so a kill at any moment leaves either the previous checkpoint or this one, complete.
     """
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
+    model_state, optim_state = full_state_dicts(model, optimizer)
     if ctx.is_main:
         directory = Path(directory)
         tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
         tmp.mkdir(parents=True, exist_ok=True)
-        save_model(model, str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        seen = set()  # tied weights (embedding = LM head) share storage, which safetensors refuses
+        for name, tensor in model_state.items():
+            if tensor.data_ptr() in seen:
+                model_state[name] = tensor.clone()
+            seen.add(tensor.data_ptr())
+        save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
+        torch.save(optim_state, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "rng": torch.get_rng_state().tolist()}))
         old = directory.with_name(f".{directory.name}.old{os.getpid()}")
         if directory.exists():
@@ -2123,15 +2282,18 @@ def save_checkpoint(directory, model, optimizer, state: dict, ctx: Context) -> N
 
 
 def load_checkpoint(directory, model, optimizer) -> dict | None:
-    """Restore what save_checkpoint wrote; None when there is no checkpoint to resume from."""
-    from safetensors.torch import load_model as load_weights
+    """Restore what save_checkpoint wrote (every rank reads it; FSDP keeps its own shard);
+    None when there is no checkpoint to resume from."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     directory = Path(directory)
     if not (directory / "state.json").is_file():
         return None
     state = json.loads((directory / "state.json").read_text())
-    load_weights(model, str(directory / "model.safetensors"), device=str(next(model.parameters()).device))
-    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True,
-                                         map_location=next(model.parameters()).device))
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, load_file(str(directory / "model.safetensors")), options=options)
+    set_optimizer_state_dict(model, optimizer, torch.load(directory / "optimizer.pt", weights_only=True),
+                             options=options)
     torch.set_rng_state(torch.tensor(state.pop("rng"), dtype=torch.uint8))
     return state

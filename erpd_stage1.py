@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 
 from common import (
-    add_system_args, model_kwargs,
+    add_system_args, load_policy, load_reference,
     DEFAULT_MODEL, DEFAULT_TEST_DATA, DEFAULT_TRAIN_DATA, InputError, JsonlLogger, all_gather_objects,
-    atomic_write_text, ce_loss, encode_problems, group_advantages, init_distributed, kl_penalty, load_model,
+    atomic_write_text, ce_loss, encode_problems, group_advantages, init_distributed, kl_penalty,
     load_problems, model_fingerprint, drift_metrics, heldout_accuracy, intact_shard, mse_loss, my_micro_batches, global_batches, pad_rows,
     ppo_clip_loss, rollout_health, rollouts_to_shard, run_main, sample_and_score, sapo_loss,
     score_rollouts, set_seed, tokenizer_fingerprint, train_epochs, warn_if_no_signal, write_shard,
@@ -118,10 +118,8 @@ def main(argv=None):
     out = Path(args.out)
     log = JsonlLogger(out / "metrics.jsonl", enabled=ctx.is_main, append=args.resume)
     log.log(event="config", world_size=ctx.world, **vars(args))
-    load = model_kwargs(args, ctx.device)
-    model, tokenizer = load_model(args.model, gradient_checkpointing=args.gradient_checkpointing, **load)
-    base, _ = load_model(args.model, **load)  # frozen pi_0, for the exact-KL curves on D
-    base.requires_grad_(False).eval()
+    model, tokenizer = load_policy(args, ctx)
+    base = load_reference(args)  # frozen pi_0 on CPU, for the exact-KL curves on D
     fingerprints = {"base_fingerprint": model_fingerprint(base), "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)}
     temperature = args.temperature if args.temperature > 0 else 1.0
     pad_id = tokenizer.pad_token_id
@@ -189,8 +187,13 @@ def main(argv=None):
                      diagnostics=diagnostics, summarize=summarize, tag=tag)
 
     # a resumed run keeps the shards a previous run finished (sha256 checked) if every rank has its own
+    # and no training is left to do (else they hold a teacher this run is about to change)
+    def trained_to_the_end(tag):
+        state = out / f"checkpoint-{tag}" / "state.json"
+        return state.is_file() and json.loads(state.read_text())["epoch"] > args.epochs
     shard_name = f"rank{ctx.rank:05d}-of-{ctx.world:05d}.safetensors"
-    keep_shards = all(all_gather_objects(bool(args.resume and intact_shard(out / "shards" / shard_name)), ctx))
+    finished = args.resume and all(trained_to_the_end(t) for t in ["teacher"] + (["unlearned"] if args.unlearn else []))
+    keep_shards = all(all_gather_objects(bool(finished and intact_shard(out / "shards" / shard_name)), ctx))
     signal_names = ["logp_base", "logp_teacher"] + (["logp_unlearned"] if args.unlearn else [])
     signals = {"logp_base": base_logp}
 
@@ -201,15 +204,13 @@ def main(argv=None):
 
     train(model, +1.0, "teacher")
     score(model, "logp_teacher")
-    if ctx.is_main:
-        save_pretrained_atomic(model, tokenizer, out / "teacher", {"stage": 1, **fingerprints})
+    save_pretrained_atomic(model, tokenizer, out / "teacher", ctx, {"stage": 1, **fingerprints})
     if args.unlearn:
         del model
-        unlearned, _ = load_model(args.model, gradient_checkpointing=args.gradient_checkpointing, **load)
+        unlearned, _ = load_policy(args, ctx)
         train(unlearned, -1.0, "unlearned")
         score(unlearned, "logp_unlearned")
-        if ctx.is_main:
-            save_pretrained_atomic(unlearned, tokenizer, out / "unlearned", {"stage": 1, **fingerprints})
+        save_pretrained_atomic(unlearned, tokenizer, out / "unlearned", ctx, {"stage": 1, **fingerprints})
 
     # ---- 4. shards: this rank writes rollouts[rank::world]; rank 0 writes the manifest ----------
     mine = list(range(ctx.rank, len(rollouts), ctx.world))

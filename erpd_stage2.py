@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 
 from common import (
-    add_system_args, model_kwargs,
+    add_system_args, load_policy, load_reference,
     DEFAULT_MODEL, DEFAULT_TEST_DATA, InputError, JsonlLogger, distill_token_advantages, drift_metrics,
-    encode_problems, global_batches, heldout_accuracy, init_distributed, kl_penalty, load_model,
+    encode_problems, global_batches, heldout_accuracy, init_distributed, kl_penalty,
     load_problems, log_ratio, model_fingerprint, my_micro_batches, pad_rows, ppo_clip_loss,
     read_teacher_shards, run_main, save_pretrained_atomic, score_rollouts, set_seed,
     tokenizer_fingerprint, train_epochs)
@@ -58,7 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--kl-coef", type=float, default=0.0, help="weight of KL(pi_theta || pi_0)")
     # diagnostics
     p.add_argument("--kl-rollouts", type=int, default=256,
-                   help="rollouts of D for the exact-KL curve; keeps a frozen pi_0 in memory (0: off)")
+                   help="rollouts of D for the exact-KL curve; loads a frozen pi_0, kept on CPU between diagnostics (0: off)")
     p.add_argument("--eval-every", type=int, default=2, help="held-out accuracy every k epochs (0: off)")
     p.add_argument("--eval-prompts", type=int, default=200, help="held-out problems per accuracy point")
     p.add_argument("--eval-samples", type=int, default=4, help="samples per held-out problem")
@@ -104,8 +104,7 @@ def main(argv=None):
     out = Path(args.out)
     log = JsonlLogger(out / "metrics.jsonl", enabled=ctx.is_main, append=args.resume)
     log.log(event="config", world_size=ctx.world, **vars(args))
-    load = model_kwargs(args, ctx.device)
-    student, tokenizer = load_model(args.model, gradient_checkpointing=args.gradient_checkpointing, **load)
+    student, tokenizer = load_policy(args, ctx)
     base_fp = model_fingerprint(student)
     rollouts, delta, temperature = load_signal(args, base_fp, tokenizer_fingerprint(tokenizer))
     pad_id = tokenizer.pad_token_id
@@ -123,10 +122,7 @@ def main(argv=None):
             delta_mean=torch.cat(delta).mean().item(), delta_abs_mean=torch.cat(delta).abs().mean().item(),
             delta_positive=(torch.cat(delta) > 0).float().mean().item())
 
-    ref = None
-    if args.kl_rollouts:
-        ref, _ = load_model(args.model, **load)
-        ref.requires_grad_(False).eval()
+    ref = load_reference(args) if args.kl_rollouts else None  # on CPU between diagnostics
     kl_subset = torch.randperm(len(rollouts), generator=torch.Generator().manual_seed(args.seed))
     kl_subset = kl_subset[:max(args.kl_rollouts, 64)].tolist()
     eval_problems = None
@@ -166,9 +162,9 @@ def main(argv=None):
                 "sign_agreement": stats["agree"] / max(stats["moved"], 1.0)}
     train_epochs(student, rollouts, loss_fn, args=args, ctx=ctx, pad_id=pad_id, temperature=temperature,
                  checkpoint=out / "checkpoint", log=log, diagnostics=diagnostics, summarize=summarize, tag="student")
+    save_pretrained_atomic(student, tokenizer, out / "student", ctx,
+                           {"stage": 2, "base_fingerprint": base_fp, "teachers": args.teacher})
     if ctx.is_main:
-        save_pretrained_atomic(student, tokenizer, out / "student",
-                               {"stage": 2, "base_fingerprint": base_fp, "teachers": args.teacher})
         print(f"wrote {out}/student")
     log.log(event="done")
 

@@ -1,61 +1,71 @@
 """common.sample_responses against a bare model.generate on the same prompts and settings.
 
-    python bench/bench_sampling.py [--quick]
+    python bench/bench_sampling.py            # Llama hidden 512, 8 layers, 32 prompts x 128 new tokens (~1.2 min)
+    python bench/bench_sampling.py --quick    # hidden 256, 4 layers, 16 prompts x 64 new tokens
 
-Both sample at temperature 1 with no top-k / top-p, left-padded prompts, and exactly N new tokens
-(stop ids that never occur), so the work is identical. Target (issue 4): ours >= 0.9x generate.
+Same random LlamaForCausalLM as bench_train_step (float32, sdpa, 2 threads), the same left-padded
+prompts of 16..44 tokens, one batch, temperature 1, no top-k, no top-p, KV cache in both:
+  ours      common.sample_responses(..., stop_ids=[V])   (id V is outside the vocabulary: never sampled)
+  generate  model.generate(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=N,
+            min_new_tokens=N) with the generation config's EOS removed
+Both therefore produce exactly N new tokens per row (checked). Time: median of 3 interleaved rounds
+after a warm-up round. Target: ours >= 0.9x generate's tokens/s.
 """
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-import common  # noqa: E402
+from bench_train_step import build_model, sizes  # noqa: E402
+from measure import interleaved_median  # noqa: E402
 
 
 def main():
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--prompts", type=int, default=None, help="batch size (default 32, quick 16)")
+    p.add_argument("--new-tokens", type=int, default=None, help="new tokens per row (default 128, quick 64)")
+    p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
-    torch.manual_seed(0)
+    import common
+
     torch.set_num_threads(2)
-    config = LlamaConfig(vocab_size=32768, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(config).eval()
-    batch, new_tokens = (16, 32) if args.quick else (32, 128)
-    prompts = [torch.randint(3, 32768, (16 + 4 * (i % 8),)).tolist() for i in range(batch)]
-    never = [32767 + 1]  # an id outside the vocabulary: no row stops early
+    s = sizes(args.quick)
+    batch = args.prompts or (16 if args.quick else 32)
+    new_tokens = args.new_tokens or (64 if args.quick else 128)
+    model = build_model(s).eval()
+    model.generation_config.eos_token_id = None
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, s["vocab"], (16 + 4 * (i % 8),), generator=g).tolist() for i in range(batch)]
     ids, mask, _ = common.left_pad(prompts, 0, "cpu")
+    never = [s["vocab"]]
+    lengths = {}
 
     def ours():
-        common.sample_responses(model, prompts, max_new_tokens=new_tokens, temperature=1.0, top_p=1.0,
-                                stop_ids=never, pad_id=0, generator=torch.Generator().manual_seed(0),
-                                batch_size=batch)
+        out = common.sample_responses(model, prompts, max_new_tokens=new_tokens, temperature=1.0, top_p=1.0,
+                                      stop_ids=never, pad_id=0, generator=torch.Generator().manual_seed(0),
+                                      batch_size=batch)
+        lengths["ours"] = {len(r["response_ids"]) for r in out}
 
-    def bare():
+    def generate():
         with torch.no_grad():
-            model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0)
+            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
+                                 top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+        lengths["generate"] = {out.shape[1] - ids.shape[1]}
 
-    timings = {"ours": [], "generate": []}
-    for _ in range(3):  # interleaved, so drift on a shared machine hits both alike
-        for name, fn in (("ours", ours), ("generate", bare)):
-            start = time.perf_counter()
-            fn()
-            timings[name].append(time.perf_counter() - start)
+    times = interleaved_median({"ours": ours, "generate": generate}, rounds=args.rounds)
+    assert lengths == {"ours": {new_tokens}, "generate": {new_tokens}}, lengths
     tokens = batch * new_tokens
-    best = {k: min(v) for k, v in timings.items()}
-    print(f"{batch} prompts x {new_tokens} new tokens, random Llama (hidden 256, 4 layers, vocab 32768), 2 threads")
-    for name, t in best.items():
-        print(f"{name:9} {tokens / t:8.0f} tokens/s  ({t:.2f} s, best of 3)")
-    print(f"ratio ours / generate: {best['generate'] / best['ours']:.2f}x throughput")
+    print(f"random Llama hidden {s['hidden']}, {s['layers']} layers, vocab {s['vocab']}, float32; {batch} left-padded "
+          f"prompts (16..44 tokens) x {new_tokens} new tokens, {torch.get_num_threads()} threads")
+    for name, t in times.items():
+        print(f"{name:9} {tokens / t:8.0f} tokens/s  ({t:.2f} s, median of {args.rounds})")
+    print(f"ratio ours / generate: {times['generate'] / times['ours']:.2f}x tokens/s (target >= 0.9)")
 
 
 if __name__ == "__main__":

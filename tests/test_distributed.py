@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,45 @@ def test_same_teacher_and_student_with_1_or_2_processes(two_process_stage1, tmp_
     assert max_weight_diff(tmp_path / "s2a" / "student", Path(common.DEFAULT_MODEL)) > 1e-4
 
 
+# global batches of 9 rollouts over 2 ranks: rank 0 gets 5 (2 micro-batches of 4), rank 1 gets 4 (1), and the
+# last batch of 1 leaves rank 1 nothing, so under FSDP rank 1 must run padding forwards to stay in step
+UNEVEN = ["--batch-size", "9", "--micro-batch", "4", "--eval-every", "0", "--kl-rollouts", "8", "--lr", "1e-3"]
+
+
+def test_fsdp_matches_one_process_with_uneven_work_and_resumes(two_process_stage1, tmp_path):
+    stage1 = ["--rollouts", two_process_stage1, "--teacher-loss", "ppo", *UNEVEN]
+    launch("erpd_stage1.py", 1, *stage1, "--epochs", "2", "--out", tmp_path / "plain")
+    # FSDP on 2 processes: one epoch, then --resume from its checkpoint for the second
+    launch("erpd_stage1.py", 2, *stage1, "--fsdp", "--epochs", "1", "--out", tmp_path / "fsdp")
+    launch("erpd_stage1.py", 2, *stage1, "--fsdp", "--epochs", "2", "--resume", "--out", tmp_path / "fsdp")
+    teacher = tmp_path / "fsdp" / "teacher"
+    assert max_weight_diff(tmp_path / "plain" / "teacher", teacher) <= 1e-4  # also: same keys, tied head once
+    assert max_weight_diff(tmp_path / "plain" / "teacher", Path(common.DEFAULT_MODEL)) > 1e-3
+    assert json.loads((teacher / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    # the resumed run trained again, so it rewrote its shards: log pi_T is the 2-epoch teacher's
+    plain_rows = common.read_teacher_shards(tmp_path / "plain" / "shards")[1]
+    fsdp_rows = common.read_teacher_shards(tmp_path / "fsdp" / "shards")[1]
+    assert max((a["logp_teacher"] - b["logp_teacher"]).abs().max().item()
+               for a, b in zip(plain_rows, fsdp_rows)) <= 1e-3
+    # stage 2 with FSDP on 2 processes == stage 2 on 1 process, same shards
+    stage2 = ["--teacher", tmp_path / "plain", "--epochs", "2", *UNEVEN]
+    launch("erpd_stage2.py", 2, *stage2, "--fsdp", "--out", tmp_path / "s2-fsdp")
+    launch("erpd_stage2.py", 1, *stage2, "--out", tmp_path / "s2-plain")
+    assert max_weight_diff(tmp_path / "s2-fsdp" / "student", tmp_path / "s2-plain" / "student") <= 1e-4
+    assert max_weight_diff(tmp_path / "s2-fsdp" / "student", Path(common.DEFAULT_MODEL)) > 1e-4
+
+
+def test_fsdp_mixed_precision_keeps_ratio_one_at_the_first_step(two_process_stage1, tmp_path):
+    """bf16 compute over float32 shards: log pi_0 (scored with the whole gathered model) and the
+    training forward (gathered layer by layer) agree exactly, so with lr 0 every ratio is 1."""
+    launch("erpd_stage1.py", 2, "--rollouts", two_process_stage1, "--teacher-loss", "ppo", *UNEVEN[:-2],
+           "--lr", "0", "--epochs", "1", "--fsdp", "--autocast", "bfloat16", "--out", tmp_path)
+    epochs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+              if '"epoch"' in line and '"event": "epoch"' in line]
+    assert epochs[-1]["epoch"] == 1 and epochs[-1]["mean_abs_log_ratio"] == 0.0 and epochs[-1]["clip_fraction"] == 0.0
+    assert max_weight_diff(tmp_path / "teacher", Path(common.DEFAULT_MODEL)) == 0.0
+
+
 def test_micro_batch_1x8_equals_8x1():
     """Gradient accumulation over 8 micro-batches of 1 gives the loss and update of one micro-batch of 8."""
     torch.manual_seed(0)
@@ -90,3 +130,32 @@ def test_micro_batch_1x8_equals_8x1():
     assert loss_1 == pytest.approx(loss_8, rel=1e-5, abs=1e-7)
     assert max((w_1[k] - w_8[k]).abs().max().item() for k in w_1) <= 1e-6  # lr 1: weights differ by the gradients
     assert max((w_1[k] - model.state_dict()[k]).abs().max().item() for k in w_1) > 1e-4
+
+
+FAILING_WORKER = """
+import sys, time
+sys.path.insert(0, {root!r})
+import common
+ctx = common.init_distributed(timeout_minutes=0.05)  # 3 s
+if ctx.rank == 1:
+    if sys.argv[1] == "raise":
+        raise RuntimeError("rank 1 failed on purpose")
+    time.sleep(120)  # hung: never reaches the collective
+common.all_reduce_sum([1.0], ctx)
+"""
+
+
+@pytest.mark.parametrize("failure", ["raise", "hang"])
+def test_a_failing_or_hung_rank_stops_every_rank(failure, tmp_path):
+    """A rank that dies stops the others (torchrun tears the group down); one that hangs is caught by
+    the process-group timeout (--dist-timeout-minutes): the job ends with an error, long before the
+    hung rank's 120 s."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(FAILING_WORKER.format(root=str(ROOT)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(worker), failure], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0
+    assert time.monotonic() - start < 90
+    assert ("rank 1 failed on purpose" if failure == "raise" else "timed out") in proc.stderr.lower()

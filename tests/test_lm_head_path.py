@@ -6,11 +6,11 @@ import common
 
 
 def test_lm_head_logprobs_gradcheck_and_values(monkeypatch):
-    monkeypatch.setattr(common, "CHUNK_ELEMENTS", 30)  # 2 rows per chunk at V = 11: several chunks
+    monkeypatch.setattr(common, "LM_HEAD_CHUNK_ELEMENTS", 30)  # the 16-row minimum: 3 chunks of 40 rows
     torch.manual_seed(0)
-    h = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(40, 5, dtype=torch.float64, requires_grad=True)
     w = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
-    y = torch.randint(0, 11, (7,))
+    y = torch.randint(0, 11, (40,))
     assert torch.autograd.gradcheck(lambda a, b: common.lm_head_logprobs(a, b, y, 0.7), (h, w))
     naive = torch.log_softmax((h @ w.T) / 0.7, -1).gather(-1, y[:, None]).squeeze(-1)
     torch.testing.assert_close(common.lm_head_logprobs(h, w, y, 0.7), naive, rtol=0, atol=1e-12)
@@ -33,3 +33,37 @@ def test_model_path_matches_logits_path():
     torch.testing.assert_close(lp_a, lp_b, rtol=0, atol=1e-5)
     assert max((a - b).abs().max().item() for a, b in zip(g_a, g_b)) <= 1e-5
     assert max(a.abs().max().item() for a in g_a) > 0
+
+
+def test_autocast_backward_recomputes_in_the_forward_dtype():
+    """Under bf16 autocast over float32 weights the gradient is the exact gradient of the bf16 logits
+    the forward used: backward rebuilds the same softmax as the forward's log-sum-exp."""
+    g = torch.Generator().manual_seed(0)
+    h = (torch.randn(32, 16, generator=g) * 4).requires_grad_(True)
+    w = torch.randn(64, 16, generator=g).requires_grad_(True)
+    y = torch.randint(0, 64, (32,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = common.lm_head_logprobs(h, w, y)
+    out.sum().backward()
+    z = (h.detach().bfloat16() @ w.detach().bfloat16().T).float().requires_grad_(True)
+    ref = torch.log_softmax(z, -1).gather(-1, y[:, None]).squeeze(-1)
+    ref.sum().backward()
+    torch.testing.assert_close(out.detach(), ref.detach(), rtol=0, atol=1e-5)
+    d = z.grad.bfloat16()
+    torch.testing.assert_close(h.grad, (d @ w.detach().bfloat16()).float(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(w.grad, (d.T @ h.detach().bfloat16()).float(), rtol=1e-2, atol=1e-2)
+    assert w.grad.dtype == torch.float32  # float32 master weights keep a float32 gradient
+
+
+def test_response_logits_are_contiguous_and_exact():
+    """logits_to_keep as an index tensor: exactly the T predicting positions, no strided view."""
+    torch.manual_seed(0)
+    model, tokenizer = common.load_model(common.DEFAULT_MODEL)
+    rollouts = [{"prompt_ids": list(range(5, 9 + i)), "response_ids": list(range(10, 13 + i))} for i in range(3)]
+    batch = common.pack_rollouts(rollouts, tokenizer.pad_token_id, "cpu")
+    logits = common.response_logits(model, batch)
+    width = batch["labels"].shape[1]
+    full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 position_ids=batch["position_ids"]).logits
+    assert logits.is_contiguous() and logits.shape == (3, width, full.shape[-1])
+    torch.testing.assert_close(logits, full[:, -width - 1:-1], rtol=0, atol=1e-5)
