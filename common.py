@@ -266,11 +266,15 @@ def load_reference(args):
     return ref.requires_grad_(False).eval()
 
 
-def forward(model, **inputs):
-    """model(**inputs), under bf16 / fp16 autocast when load_model was asked for it."""
+def autocast_of(model):
+    """The bf16 / fp16 autocast load_model was asked for (a no-op context without it)."""
     dtype = getattr(model, "erpd_autocast", None)
-    device_type = next(model.parameters()).device.type
-    with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
+    return torch.autocast(next(model.parameters()).device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def forward(model, **inputs):
+    """model(**inputs), under the model's autocast."""
+    with autocast_of(model):
         return model(**inputs)
 
 
@@ -1456,7 +1460,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: floa
     return _TokenLogprob.apply(logits, labels, float(temperature))
 
 
-LM_HEAD_CHUNK_ELEMENTS = 1 << 22  # the LM head's GEMMs want more rows per chunk than a softmax does
+LM_HEAD_CHUNK_ELEMENTS = 1 << 24  # 64 MB of float32 logits per chunk: ~110 rows at V = 152k, GEMMs big enough
 
 
 class _LMHeadLogprob(torch.autograd.Function):
@@ -1622,10 +1626,11 @@ def response_logprobs(model, batch: dict, temperature: float, chunked_lm_head: b
     if not chunked_lm_head:
         return token_logprobs(response_logits(model, batch), batch["labels"], temperature) * batch["mask"]
     width = batch["labels"].shape[1]
-    hidden = forward(model.get_decoder(), input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     position_ids=batch["position_ids"], use_cache=False).last_hidden_state
-    hidden = hidden[:, -width - 1:-1]
-    logp = lm_head_logprobs(hidden, model.get_output_embeddings().weight, batch["labels"], temperature)
+    with autocast_of(model):  # the decoder and the LM head in the model's precision, as model(...) would run
+        hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                     position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+        logp = lm_head_logprobs(hidden[:, -width - 1:-1], model.get_output_embeddings().weight, batch["labels"],
+                                temperature)
     return logp * batch["mask"]
 
 
@@ -1637,7 +1642,8 @@ def my_micro_batches(batch: list[int], ctx, micro_batch: int) -> list[list[int]]
 
 @torch.no_grad()
 def score_rollouts(model, rollouts: list[dict], micro_batches: list[list[int]], *, pad_id: int,
-                   temperature: float, ctx, ref_model=None, desc: str = "scoring") -> list[dict]:
+                   temperature: float, ctx, ref_model=None, chunked_lm_head: bool = False,
+                   desc: str = "scoring") -> list[dict]:
     """Score rollouts with the training forward, micro-batch by micro-batch; gather over ranks.
 
     `micro_batches` are this rank's lists of rollout indices; the micro-batch layout is kept, so
@@ -1645,6 +1651,7 @@ def score_rollouts(model, rollouts: list[dict], micro_batches: list[list[int]], 
     Returns a list aligned with `rollouts` (None where no rank scored it) of float32 CPU tensors
     {"logp" [T_i], "entropy" [T_i]} plus, with ref_model, {"ref_logp" [T_i], "kl" [T_i]} where
     "kl" is the exact per-token KL(model || ref_model) over the full vocabulary.
+    chunked_lm_head: "logp" only, through training's chunked path (the same kernels: ratio 1 again).
     """
     was_training = model.training
     model.eval()
@@ -1654,9 +1661,12 @@ def score_rollouts(model, rollouts: list[dict], micro_batches: list[list[int]], 
         for mb in progress(micro_batches, enabled=ctx.is_main, desc=desc):
             chunk = [rollouts[i] for i in mb]
             batch = pack_rollouts(chunk, pad_id, device)
-            logits = response_logits(model, batch)
-            scores = {"logp": token_logprobs(logits, batch["labels"], temperature),
-                      "entropy": token_entropy(logits, temperature)}
+            if chunked_lm_head:
+                scores = {"logp": response_logprobs(model, batch, temperature, chunked_lm_head=True)}
+            else:
+                logits = response_logits(model, batch)
+                scores = {"logp": token_logprobs(logits, batch["labels"], temperature),
+                          "entropy": token_entropy(logits, temperature)}
             if ref_model is not None:
                 ref_logits = response_logits(ref_model, batch)
                 scores["ref_logp"] = token_logprobs(ref_logits, batch["labels"], temperature)
@@ -1676,14 +1686,18 @@ def drift_metrics(policy, rollouts: list[dict], indices: list[int], *, ctx, pad_
                   micro_batch: int, ref_model=None) -> dict[str, float]:
     """Token-mean entropy and log-prob of the sampled tokens on rollouts[indices] (D's states), and
     with ref_model the exact token KL(policy || ref) over the full vocabulary: the drift curves."""
+    if not indices:  # the same on every rank: no rank enters a collective alone
+        return {}
     mine = indices[ctx.rank::ctx.world]
     micro_batches = [mine[s:s + micro_batch] for s in range(0, len(mine), micro_batch)]
-    if ref_model is not None:
-        ref_model.to(ctx.device)  # load_reference keeps it on CPU between diagnostics
-    scores = [s for s in score_rollouts(policy, rollouts, micro_batches, pad_id=pad_id, temperature=temperature,
-                                        ctx=ctx, ref_model=ref_model, desc="drift on D") if s is not None]
-    if ref_model is not None:
-        ref_model.to("cpu")
+    try:
+        if ref_model is not None:
+            ref_model.to(ctx.device)  # load_reference keeps it on CPU between diagnostics
+        scores = [s for s in score_rollouts(policy, rollouts, micro_batches, pad_id=pad_id, temperature=temperature,
+                                            ctx=ctx, ref_model=ref_model, desc="drift on D") if s is not None]
+    finally:
+        if ref_model is not None:
+            ref_model.to("cpu")
     n_tokens = sum(len(s["logp"]) for s in scores)
     if n_tokens == 0:
         return {}
@@ -1816,6 +1830,7 @@ def train_epoch(model, optimizer, rollouts: list[dict], loss_fn, *, epoch: int, 
         check_finite(torch.tensor(step_loss), f"loss at epoch {epoch}")
         check_finite(grad_norm, f"gradient norm at epoch {epoch}")
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # no gradients held through diagnostics and sampling
         totals["loss"] = totals.get("loss", 0.0) + step_loss / len(batches)
         totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm.item() / len(batches)
         if on_step is not None:
@@ -2282,8 +2297,11 @@ def save_checkpoint(directory, model, optimizer, state: dict, ctx: Context) -> N
 
 
 def load_checkpoint(directory, model, optimizer) -> dict | None:
-    """Restore what save_checkpoint wrote (every rank reads it; FSDP keeps its own shard);
-    None when there is no checkpoint to resume from."""
+    """Restore what save_checkpoint wrote; None when there is no checkpoint to resume from.
+
+    Unsharded, every rank reads it; under FSDP only rank 0 does and broadcasts tensor by tensor,
+    each rank keeping its shard (host memory: one copy of the model per node, not per rank).
+    """
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
@@ -2291,9 +2309,17 @@ def load_checkpoint(directory, model, optimizer) -> dict | None:
     if not (directory / "state.json").is_file():
         return None
     state = json.loads((directory / "state.json").read_text())
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, load_file(str(directory / "model.safetensors")), options=options)
-    set_optimizer_state_dict(model, optimizer, torch.load(directory / "optimizer.pt", weights_only=True),
-                             options=options)
+    sharded = is_sharded(model)
+    model_state, optim_state = {}, {}
+    if not sharded or dist.get_rank() == 0:
+        model_state = load_file(str(directory / "model.safetensors"))
+        optim_state = torch.load(directory / "optimizer.pt", weights_only=True, mmap=True)
+        missing = sorted(set(model.state_dict()) - set(model_state))
+        if missing or not all(isinstance(k, str) for k in optim_state.get("state", {})):
+            raise InputError(f"{directory}: not a checkpoint of this model and version "
+                             f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}); remove it or drop --resume")
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded)
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optim_state, options=options)
     torch.set_rng_state(torch.tensor(state.pop("rng"), dtype=torch.uint8))
     return state

@@ -24,13 +24,14 @@ sampled token + manifest.json) and OUT/metrics.jsonl.
 """
 
 import argparse
+import gc
 import json
 from pathlib import Path
 
 import torch
 
 from common import (
-    add_system_args, load_policy, load_reference,
+    add_system_args, chunked_lm_head_ok, load_policy, load_reference,
     DEFAULT_MODEL, DEFAULT_TEST_DATA, DEFAULT_TRAIN_DATA, InputError, JsonlLogger, all_gather_objects,
     atomic_write_text, ce_loss, encode_problems, group_advantages, init_distributed, kl_penalty,
     load_problems, model_fingerprint, drift_metrics, heldout_accuracy, intact_shard, mse_loss, my_micro_batches, global_batches, pad_rows,
@@ -119,8 +120,9 @@ def main(argv=None):
     log = JsonlLogger(out / "metrics.jsonl", enabled=ctx.is_main, append=args.resume)
     log.log(event="config", world_size=ctx.world, **vars(args))
     model, tokenizer = load_policy(args, ctx)
-    base = load_reference(args)  # frozen pi_0 on CPU, for the exact-KL curves on D
-    fingerprints = {"base_fingerprint": model_fingerprint(base), "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)}
+    base = load_reference(args) if args.kl_rollouts else None  # frozen pi_0 on CPU, for the exact-KL curves on D
+    fingerprints = {"base_fingerprint": model_fingerprint(model), "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)}
+    chunked = args.chunked_lm_head and chunked_lm_head_ok(model)  # score with training's own LM-head path
     temperature = args.temperature if args.temperature > 0 else 1.0
     pad_id = tokenizer.pad_token_id
 
@@ -156,8 +158,8 @@ def main(argv=None):
     # ---- 2. log pi_0 of every sampled token, with the training forward in epoch 0's layout -----
     layout = [mb for b in global_batches(len(rollouts), args.batch_size, args.seed, 0)
               for mb in my_micro_batches(b, ctx, args.micro_batch)]
-    base_logp = [s["logp"] for s in score_rollouts(model, rollouts, layout, pad_id=pad_id,
-                                                   temperature=temperature, ctx=ctx, desc="log pi_0")]
+    base_logp = [s["logp"] for s in score_rollouts(model, rollouts, layout, pad_id=pad_id, temperature=temperature,
+                                                   ctx=ctx, chunked_lm_head=chunked, desc="log pi_0")]
     eval_problems = None
     if args.eval_every:
         eval_problems = encode_problems(tokenizer, load_problems(args.eval_data, args.eval_split,
@@ -200,13 +202,17 @@ def main(argv=None):
     def score(policy, name):
         if not keep_shards:
             signals[name] = [s["logp"] for s in score_rollouts(policy, rollouts, layout, pad_id=pad_id,
-                                                               temperature=temperature, ctx=ctx, desc=name)]
+                                                               temperature=temperature, ctx=ctx,
+                                                               chunked_lm_head=chunked, desc=name)]
 
     train(model, +1.0, "teacher")
     score(model, "logp_teacher")
     save_pretrained_atomic(model, tokenizer, out / "teacher", ctx, {"stage": 1, **fingerprints})
     if args.unlearn:
         del model
+        gc.collect()  # FSDP's hooks hold the teacher's shards in reference cycles
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         unlearned, _ = load_policy(args, ctx)
         train(unlearned, -1.0, "unlearned")
         score(unlearned, "logp_unlearned")

@@ -67,3 +67,23 @@ def test_response_logits_are_contiguous_and_exact():
                  position_ids=batch["position_ids"]).logits
     assert logits.is_contiguous() and logits.shape == (3, width, full.shape[-1])
     torch.testing.assert_close(logits, full[:, -width - 1:-1], rtol=0, atol=1e-5)
+
+
+def test_chunked_path_under_autocast_scores_exactly_what_training_computes():
+    """--chunked-lm-head --autocast bfloat16: the decoder and the LM head both run in bf16 (the model's
+    autocast reaches the chunked path), and scoring log pi_0 through the same path gives the training
+    forward's log-probs bit for bit, so the first step's ratio is exactly 1."""
+    torch.manual_seed(0)
+    model, tokenizer = common.load_model(common.DEFAULT_MODEL, autocast="bfloat16")
+    rollouts = [{"prompt_ids": list(range(5, 9 + i)), "response_ids": list(range(10, 16 + 2 * i))} for i in range(4)]
+    ctx = common.Context(0, 0, 1, torch.device("cpu"))
+    scored = common.score_rollouts(model, rollouts, [[0, 1, 2, 3]], pad_id=tokenizer.pad_token_id, temperature=0.9,
+                                   ctx=ctx, chunked_lm_head=True)
+    model.train()
+    batch = common.pack_rollouts(rollouts, tokenizer.pad_token_id, "cpu")
+    train_logp = common.response_logprobs(model, batch, 0.9, chunked_lm_head=True)
+    assert train_logp.requires_grad
+    for row, s in enumerate(scored):
+        assert torch.equal(s["logp"], train_logp[row, :len(rollouts[row]["response_ids"])].detach())
+    model.erpd_autocast = None  # the same path in float32 differs: autocast really was applied
+    assert (common.response_logprobs(model, batch, 0.9, chunked_lm_head=True) - train_logp).abs().max() > 1e-4
