@@ -94,6 +94,9 @@ def test_fsdp_matches_one_process_with_uneven_work_and_resumes(two_process_stage
     launch("erpd_stage2.py", 1, *stage2, "--out", tmp_path / "s2-plain")
     assert max_weight_diff(tmp_path / "s2-fsdp" / "student", tmp_path / "s2-plain" / "student") <= 1e-4
     assert max_weight_diff(tmp_path / "s2-fsdp" / "student", Path(common.DEFAULT_MODEL)) > 1e-4
+    # --fsdp in one process without torchrun (its own process group): the very same student
+    launch("erpd_stage2.py", 1, *stage2, "--fsdp", "--out", tmp_path / "s2-fsdp1")
+    assert max_weight_diff(tmp_path / "s2-fsdp1" / "student", tmp_path / "s2-plain" / "student") == 0.0
 
 
 def test_fsdp_mixed_precision_keeps_ratio_one_at_the_first_step(two_process_stage1, tmp_path):
