@@ -76,8 +76,8 @@ UNEVEN = ["--batch-size", "9", "--micro-batch", "4", "--eval-every", "0", "--kl-
 def test_fsdp_matches_one_process_with_uneven_work_and_resumes(two_process_stage1, tmp_path):
     stage1 = ["--rollouts", two_process_stage1, "--teacher-loss", "ppo", *UNEVEN]
     launch("erpd_stage1.py", 1, *stage1, "--epochs", "2", "--out", tmp_path / "plain")
-    # FSDP on 2 processes: one epoch, then --resume from its checkpoint for the second
-    launch("erpd_stage1.py", 2, *stage1, "--fsdp", "--epochs", "1", "--out", tmp_path / "fsdp")
+    # FSDP on 2 processes: one epoch (with activation checkpointing), then --resume from its checkpoint
+    launch("erpd_stage1.py", 2, *stage1, "--fsdp", "--gradient-checkpointing", "--epochs", "1", "--out", tmp_path / "fsdp")
     launch("erpd_stage1.py", 2, *stage1, "--fsdp", "--epochs", "2", "--resume", "--out", tmp_path / "fsdp")
     teacher = tmp_path / "fsdp" / "teacher"
     assert max_weight_diff(tmp_path / "plain" / "teacher", teacher) <= 1e-4  # also: same keys, tied head once
