@@ -1527,6 +1527,23 @@ def lm_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
     return flat.view(labels.shape)
 
 
+def token_topk(logits: torch.Tensor, k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most likely tokens under softmax(logits / temperature) and their log-probs, per position.
+
+    logits [..., V] -> (log-probs [..., k] float32, descending; ids [..., k] int32). No gradient;
+    computed in row chunks (no float32 copy of [..., V]).
+    """
+    flat = logits.detach().reshape(-1, logits.shape[-1])
+    values = torch.empty(flat.shape[0], k, dtype=_upcast(flat[:0]).dtype, device=flat.device)
+    ids = torch.empty(flat.shape[0], k, dtype=torch.int32, device=flat.device)
+    step = _rows_per_chunk(flat.shape[-1])
+    with torch.no_grad():
+        for s in range(0, flat.shape[0], step):
+            top = torch.log_softmax(_upcast(flat[s:s + step]) / temperature, dim=-1).topk(k, dim=-1)
+            values[s:s + step], ids[s:s + step] = top.values, top.indices.to(torch.int32)
+    return values.view(*logits.shape[:-1], k), ids.view(*logits.shape[:-1], k)
+
+
 def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Entropy of softmax(logits / temperature) per position: [..., V] -> [...] float32.
 
@@ -1643,7 +1660,7 @@ def my_micro_batches(batch: list[int], ctx, micro_batch: int) -> list[list[int]]
 @torch.no_grad()
 def score_rollouts(model, rollouts: list[dict], micro_batches: list[list[int]], *, pad_id: int,
                    temperature: float, ctx, ref_model=None, chunked_lm_head: bool = False,
-                   desc: str = "scoring") -> list[dict]:
+                   top_k: int = 0, desc: str = "scoring") -> list[dict]:
     """Score rollouts with the training forward, micro-batch by micro-batch; gather over ranks.
 
     `micro_batches` are this rank's lists of rollout indices; the micro-batch layout is kept, so
@@ -1652,6 +1669,7 @@ def score_rollouts(model, rollouts: list[dict], micro_batches: list[list[int]], 
     {"logp" [T_i], "entropy" [T_i]} plus, with ref_model, {"ref_logp" [T_i], "kl" [T_i]} where
     "kl" is the exact per-token KL(model || ref_model) over the full vocabulary.
     chunked_lm_head: "logp" only, through training's chunked path (the same kernels: ratio 1 again).
+    top_k: also "topk_logp" [T_i, k] float32 and "topk_ids" [T_i, k] int32 (token_topk).
     """
     was_training = model.training
     model.eval()
@@ -1671,9 +1689,13 @@ def score_rollouts(model, rollouts: list[dict], micro_batches: list[list[int]], 
                 ref_logits = response_logits(ref_model, batch)
                 scores["ref_logp"] = token_logprobs(ref_logits, batch["labels"], temperature)
                 scores["kl"] = token_kl(logits, ref_logits, temperature)
+            if top_k:
+                logits = response_logits(model, batch) if chunked_lm_head else logits
+                scores["topk_logp"], scores["topk_ids"] = token_topk(logits, top_k, temperature)
             for row, i in enumerate(mb):
                 n = len(rollouts[i]["response_ids"])
-                mine[i] = {k: v[row, :n].float().cpu() for k, v in scores.items()}
+                mine[i] = {k: (v[row, :n].float() if v.is_floating_point() else v[row, :n]).cpu()
+                           for k, v in scores.items()}
     model.train(was_training)
     results: list[dict | None] = [None] * len(rollouts)
     for part in all_gather_objects(mine, ctx):
@@ -1945,7 +1967,8 @@ def intact_shard(path) -> str | None:
 
 def rollouts_to_shard(rollouts: list[dict], signals: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Flatten rollouts into shard tensors: per-row scalars [n], token ids [sum(P_i + T_i)] with
-    offsets [n + 1], and one float32 array [sum(T_i)] per signal (e.g. "logp_base")."""
+    offsets [n + 1], and one array [sum(T_i), ...] per signal: float32 log-probs (e.g. "logp_base"
+    [sum(T_i)], "topk_logp_teacher" [sum(T_i), k]) or integer ids ("topk_ids_teacher", int32)."""
     lengths = [len(r["prompt_ids"]) + len(r["response_ids"]) for r in rollouts]
     offsets = torch.zeros(len(rollouts) + 1, dtype=torch.int64)
     offsets[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
@@ -1962,7 +1985,8 @@ def rollouts_to_shard(rollouts: list[dict], signals: dict[str, list[torch.Tensor
         "token_offsets": offsets,
     }
     for name, values in signals.items():
-        shard[name] = torch.cat(values).float() if values else torch.zeros(0)
+        flat = torch.cat(values) if values else torch.zeros(0)
+        shard[name] = flat.float() if flat.is_floating_point() else flat
     return shard
 
 

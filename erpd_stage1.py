@@ -15,7 +15,7 @@ Many epochs (default 20) over the same D with a weak constraint: fast early gain
 and entropy collapse: the curves in metrics.jsonl. `--unlearn` also trains pi_U from pi_0 on -A.
 Writes OUT/rollouts/ (D, reusable with --rollouts), OUT/teacher/ (save_pretrained),
 OUT/shards/ (per rank: token ids, rewards, advantages, log pi_0, log pi_T [, log pi_U] of every
-sampled token + manifest.json) and OUT/metrics.jsonl.
+sampled token [, the teacher's top-k ids and log-probs] + manifest.json) and OUT/metrics.jsonl.
 
     python erpd_stage1.py                                  # embedded tiny default, CPU, ~2 min
     torchrun --nproc_per_node 8 erpd_stage1.py --model Qwen/Qwen2.5-Math-1.5B-Instruct \\
@@ -76,6 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--mse-beta", type=float, default=0.1, help="mse: beta in (beta sum log rho - A)^2")
     p.add_argument("--kl-coef", type=float, default=0.0, help="weight of KL(pi_theta || pi_0)")
     p.add_argument("--unlearn", action="store_true", help="also train pi_U from pi_0 on -A")
+    p.add_argument("--teacher-topk", type=int, default=0,
+                   help="also write the teacher's k most likely tokens and log-probs per position (0: off)")
     # diagnostics
     p.add_argument("--eval-every", type=int, default=4, help="held-out accuracy every k epochs (0: off)")
     p.add_argument("--eval-prompts", type=int, default=200, help="held-out problems per accuracy point")
@@ -123,6 +125,9 @@ def main(argv=None):
     base = load_reference(args) if args.kl_rollouts else None  # frozen pi_0 on CPU, for the exact-KL curves on D
     fingerprints = {"base_fingerprint": model_fingerprint(model), "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)}
     chunked = args.chunked_lm_head and chunked_lm_head_ok(model)  # score with training's own LM-head path
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if not 0 <= args.teacher_topk <= vocab:
+        raise InputError(f"--teacher-topk {args.teacher_topk}: expected 0 to the vocabulary size {vocab}")
     temperature = args.temperature if args.temperature > 0 else 1.0
     pad_id = tokenizer.pad_token_id
 
@@ -196,17 +201,21 @@ def main(argv=None):
     shard_name = f"rank{ctx.rank:05d}-of-{ctx.world:05d}.safetensors"
     finished = args.resume and all(trained_to_the_end(t) for t in ["teacher"] + (["unlearned"] if args.unlearn else []))
     keep_shards = all(all_gather_objects(bool(finished and intact_shard(out / "shards" / shard_name)), ctx))
-    signal_names = ["logp_base", "logp_teacher"] + (["logp_unlearned"] if args.unlearn else [])
+    signal_names = (["logp_base", "logp_teacher"] + (["logp_unlearned"] if args.unlearn else [])
+                    + (["topk_logp_teacher", "topk_ids_teacher"] if args.teacher_topk else []))
     signals = {"logp_base": base_logp}
 
-    def score(policy, name):
+    def score(policy, name, top_k=0):
         if not keep_shards:
-            signals[name] = [s["logp"] for s in score_rollouts(policy, rollouts, layout, pad_id=pad_id,
-                                                               temperature=temperature, ctx=ctx,
-                                                               chunked_lm_head=chunked, desc=name)]
+            scores = score_rollouts(policy, rollouts, layout, pad_id=pad_id, temperature=temperature, ctx=ctx,
+                                    chunked_lm_head=chunked, top_k=top_k, desc=name)
+            signals[name] = [s["logp"] for s in scores]
+            if top_k:
+                signals["topk_logp_teacher"] = [s["topk_logp"] for s in scores]
+                signals["topk_ids_teacher"] = [s["topk_ids"] for s in scores]
 
     train(model, +1.0, "teacher")
-    score(model, "logp_teacher")
+    score(model, "logp_teacher", args.teacher_topk)
     save_pretrained_atomic(model, tokenizer, out / "teacher", ctx, {"stage": 1, **fingerprints})
     if args.unlearn:
         del model
@@ -230,7 +239,7 @@ def main(argv=None):
     entries = all_gather_objects({"file": shard_name, "rows": len(mine), "sha256": digest}, ctx)
     if ctx.is_main:
         manifest = {"format_version": SHARD_FORMAT_VERSION, **fingerprints, "base_model": args.model,
-                    "temperature": temperature, "samples_per_prompt": group_size,
+                    "temperature": temperature, "samples_per_prompt": group_size, "teacher_topk": args.teacher_topk,
                     "num_rows": len(rollouts), "signals": signal_names, "shards": entries,
                     "config": vars(args), "world_size": ctx.world}
         atomic_write_text(out / "shards" / "manifest.json", json.dumps(manifest, indent=1))

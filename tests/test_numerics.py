@@ -300,3 +300,15 @@ def test_loss_and_gradient_invariant_to_micro_batching(loss_fn, micro):
     torch.testing.assert_close(acc_leaf.grad, full_leaf.grad, rtol=0, atol=1e-12)
     assert full_leaf.grad.abs().sum() > 0
     assert (full_leaf.grad * (1 - mask)).abs().max() == 0  # padded positions get no gradient
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_topk_matches_full_log_softmax(small_chunks, dtype):
+    torch.manual_seed(0)
+    logits = (torch.randn(*SHAPE, VOCAB) * 3).to(dtype)
+    values, ids = common.token_topk(logits, 4, temperature=0.7)
+    full = torch.log_softmax(logits.float() / 0.7, -1)
+    expected = full.topk(4, dim=-1)
+    assert values.shape == ids.shape == (*SHAPE, 4) and values.dtype == torch.float32 and ids.dtype == torch.int32
+    torch.testing.assert_close(values, expected.values, rtol=0, atol=1e-5)
+    torch.testing.assert_close(full.gather(-1, ids.long()), values, rtol=0, atol=1e-5)  # ids point at those values

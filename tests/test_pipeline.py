@@ -153,19 +153,44 @@ def run(script, *args, check=True):
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory):
     out = tmp_path_factory.mktemp("stage1")
-    run("erpd_stage1.py", "--out", out, "--epochs", "2", "--eval-every", "2", "--unlearn", *SMALL)
+    run("erpd_stage1.py", "--out", out, "--epochs", "2", "--eval-every", "2", "--unlearn", "--teacher-topk", "5", *SMALL)
     return out
 
 
 def test_stage1_writes_teacher_shards_rollouts_and_curves(stage1):
     manifest = json.loads((stage1 / "shards" / "manifest.json").read_text())
-    assert manifest["num_rows"] == 32 and manifest["signals"] == ["logp_base", "logp_teacher", "logp_unlearned"]
+    assert manifest["num_rows"] == 32 and manifest["teacher_topk"] == 5
+    assert manifest["signals"] == ["logp_base", "logp_teacher", "logp_unlearned", "topk_logp_teacher", "topk_ids_teacher"]
     assert (stage1 / "teacher" / "model.safetensors").is_file() and (stage1 / "rollouts" / "rollouts.jsonl").is_file()
     records = [json.loads(line) for line in (stage1 / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if r.get("event") == "epoch" and r["model"] == "teacher"]
     assert [r["epoch"] for r in epochs] == [0, 1, 2]
     assert epochs[0]["kl_to_base"] == 0.0 and epochs[-1]["kl_to_base"] > 0  # the teacher moved
     assert "heldout_accuracy" in epochs[-1]
+
+
+def test_shards_hold_the_teachers_top_k(stage1):
+    """--teacher-topk 5: per response token the teacher's 5 most likely tokens and their log-probs, as the
+    saved teacher computes them; the sampled token's entry (when in the top 5) equals log pi_T."""
+    manifest, rows = common.read_teacher_shards(stage1 / "shards")
+    teacher, tokenizer = common.load_model(str(stage1 / "teacher"))
+    batch = common.pack_rollouts(rows[:4], tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        logp = torch.log_softmax(common.response_logits(teacher, batch).float() / manifest["temperature"], -1)
+    hits = 0
+    for i, row in enumerate(rows[:4]):
+        n = len(row["response_ids"])
+        values, ids = row["topk_logp_teacher"], row["topk_ids_teacher"]
+        assert values.shape == ids.shape == (n, 5) and ids.dtype == torch.int32
+        assert (values[:, :-1] >= values[:, 1:]).all() and (torch.logsumexp(values, -1) <= 1e-5).all()
+        expected = logp[i, :n].topk(5, dim=-1)
+        torch.testing.assert_close(values, expected.values, rtol=0, atol=1e-5)
+        for t, token in enumerate(row["response_ids"]):
+            where = (ids[t] == token).nonzero()
+            if len(where):
+                hits += 1
+                assert abs(values[t, where[0, 0]] - row["logp_teacher"][t]) <= 1e-5
+    assert hits > 0
 
 
 def test_stage2_and_eval_end_to_end(stage1, tmp_path):
