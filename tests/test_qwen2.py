@@ -1,0 +1,61 @@
+"""The README recipe's architecture (Qwen2: tied head, q/k/v biases) through every model path, on a
+small random Qwen2ForCausalLM built here with the tiny tokenizer: the response-logits slice, the chunked
+LM head, and FSDP on 2 gloo processes against 1 plain process."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+from test_distributed import launch, max_weight_diff
+
+TINY = Path(common.DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    folder = tmp_path_factory.mktemp("qwen2")
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    Qwen2ForCausalLM(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        shutil.copy(TINY / name, folder / name)
+    # single-digit answers: the random model's last digit is right now and then, so groups carry signal
+    g = torch.Generator().manual_seed(0)
+    rows = [{"prompt": f"{i}+0", "answer": str(int(torch.randint(0, 10, (1,), generator=g)))} for i in range(12)]
+    (folder / "digits.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_qwen2_logits_paths(qwen2):
+    model, tokenizer = common.load_model(str(qwen2))
+    assert type(model).__name__ == "Qwen2ForCausalLM" and common.chunked_lm_head_ok(model)
+    rollouts = [{"prompt_ids": list(range(5, 9 + i)), "response_ids": list(range(10, 14 + 2 * i))} for i in range(3)]
+    batch = common.pack_rollouts(rollouts, tokenizer.pad_token_id, "cpu")
+    width = batch["labels"].shape[1]
+    full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 position_ids=batch["position_ids"]).logits
+    torch.testing.assert_close(common.response_logits(model, batch), full[:, -width - 1:-1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(common.response_logprobs(model, batch, 0.9, chunked_lm_head=True),
+                               common.response_logprobs(model, batch, 0.9), rtol=0, atol=1e-5)
+
+
+def test_qwen2_fsdp_two_processes_match_one(qwen2, tmp_path):
+    args = ["--model", qwen2, "--data", qwen2 / "digits.jsonl", "--num-prompts", "12", "--samples-per-prompt", "8",
+            "--max-new-tokens", "16", "--epochs", "2", "--teacher-loss", "ppo", "--batch-size", "40",
+            "--micro-batch", "8", "--eval-every", "0", "--kl-rollouts", "8", "--lr", "1e-2"]
+    launch("erpd_stage1.py", 1, *args, "--out", tmp_path / "plain")
+    rows = [json.loads(line) for line in (tmp_path / "plain" / "rollouts" / "rollouts.jsonl").read_text().splitlines()]
+    assert 0 < sum(r["reward"] for r in rows) < len(rows)
+    launch("erpd_stage1.py", 2, *args, "--rollouts", tmp_path / "plain", "--fsdp", "--out", tmp_path / "fsdp")
+    assert max_weight_diff(tmp_path / "plain" / "teacher", tmp_path / "fsdp" / "teacher") <= 1e-4
+    assert max_weight_diff(tmp_path / "plain" / "teacher", qwen2) > 1e-3  # it trained
+    config = json.loads((tmp_path / "fsdp" / "teacher" / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2ForCausalLM"] and config["tie_word_embeddings"]
