@@ -253,6 +253,8 @@ def load_policy(args, ctx):
         raise InputError("--chunked-lm-head calls the decoder outside the FSDP root: use one or the other")
     model, tokenizer = load_model(args.model, gradient_checkpointing=args.gradient_checkpointing,
                                   **model_kwargs(args, "cpu" if args.fsdp else ctx.device))
+    # the effective setting, read alike by scoring (log pi_0, shards) and training: the same LM-head path
+    args.chunked_lm_head = args.chunked_lm_head and chunked_lm_head_ok(model)
     if args.fsdp:
         shard_model(model, ctx, model.erpd_autocast)
     return model, tokenizer
@@ -1485,13 +1487,13 @@ class _LMHeadLogprob(torch.autograd.Function):
                 lse[s:s + step] = torch.logsumexp(x, dim=-1)
                 out[s:s + step] = x.gather(1, labels[s:s + step, None]).squeeze(1) - lse[s:s + step]
         ctx.save_for_backward(hidden, weight, labels, lse)
-        ctx.temperature, ctx.compute_dtype = temperature, compute_dtype
+        ctx.temperature, ctx.compute_dtype, ctx.step = temperature, compute_dtype, step
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, labels, lse = ctx.saved_tensors
-        step = max(16, LM_HEAD_CHUNK_ELEMENTS // weight.shape[0])
+        step = ctx.step
         grad_h = torch.empty_like(hidden)
         grad_w = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device)
         with torch.autocast(hidden.device.type, enabled=False):
@@ -1885,7 +1887,7 @@ def train_epochs(policy, rollouts: list[dict], loss_fn, *, args, ctx, pad_id: in
                             temperature=temperature, batch_size=args.batch_size, micro_batch=args.micro_batch,
                             seed=args.seed, max_grad_norm=args.max_grad_norm, desc=f"{tag} epoch {epoch}/{args.epochs}",
                             on_step=on_step, start_step=state["step"] if resumed else 0,
-                            chunked_lm_head=args.chunked_lm_head and chunked_lm_head_ok(policy),
+                            chunked_lm_head=args.chunked_lm_head,
                             totals=state["totals"] if resumed else None)
         metrics = {"loss": stats["loss"], "grad_norm": stats["grad_norm"], **summarize(stats),
                    **diagnostics(policy, epoch)}
@@ -2324,7 +2326,7 @@ def load_checkpoint(directory, model, optimizer) -> dict | None:
     """Restore what save_checkpoint wrote; None when there is no checkpoint to resume from.
 
     Unsharded, every rank reads it; under FSDP only rank 0 does and broadcasts tensor by tensor,
-    each rank keeping its shard (host memory: one copy of the model per node, not per rank).
+    each rank keeping its shard (host memory: one copy of the model, on rank 0, not one per rank).
     """
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from common import (
-    add_system_args, chunked_lm_head_ok, load_policy, load_reference,
+    add_system_args, load_policy, load_reference,
     DEFAULT_MODEL, DEFAULT_TEST_DATA, DEFAULT_TRAIN_DATA, InputError, JsonlLogger, all_gather_objects,
     atomic_write_text, ce_loss, encode_problems, group_advantages, init_distributed, kl_penalty,
     load_problems, model_fingerprint, drift_metrics, heldout_accuracy, intact_shard, mse_loss, my_micro_batches, global_batches, pad_rows,
@@ -124,7 +124,6 @@ def main(argv=None):
     model, tokenizer = load_policy(args, ctx)
     base = load_reference(args) if args.kl_rollouts else None  # frozen pi_0 on CPU, for the exact-KL curves on D
     fingerprints = {"base_fingerprint": model_fingerprint(model), "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)}
-    chunked = args.chunked_lm_head and chunked_lm_head_ok(model)  # score with training's own LM-head path
     vocab = model.get_output_embeddings().weight.shape[0]
     if not 0 <= args.teacher_topk <= vocab:
         raise InputError(f"--teacher-topk {args.teacher_topk}: expected 0 to the vocabulary size {vocab}")
@@ -164,7 +163,7 @@ def main(argv=None):
     layout = [mb for b in global_batches(len(rollouts), args.batch_size, args.seed, 0)
               for mb in my_micro_batches(b, ctx, args.micro_batch)]
     base_logp = [s["logp"] for s in score_rollouts(model, rollouts, layout, pad_id=pad_id, temperature=temperature,
-                                                   ctx=ctx, chunked_lm_head=chunked, desc="log pi_0")]
+                                                   ctx=ctx, chunked_lm_head=args.chunked_lm_head, desc="log pi_0")]
     eval_problems = None
     if args.eval_every:
         eval_problems = encode_problems(tokenizer, load_problems(args.eval_data, args.eval_split,
@@ -208,7 +207,7 @@ def main(argv=None):
     def score(policy, name, top_k=0):
         if not keep_shards:
             scores = score_rollouts(policy, rollouts, layout, pad_id=pad_id, temperature=temperature, ctx=ctx,
-                                    chunked_lm_head=chunked, top_k=top_k, desc=name)
+                                    chunked_lm_head=args.chunked_lm_head, top_k=top_k, desc=name)
             signals[name] = [s["logp"] for s in scores]
             if top_k:
                 signals["topk_logp_teacher"] = [s["topk_logp"] for s in scores]

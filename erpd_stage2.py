@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from common import (
-    add_system_args, chunked_lm_head_ok, load_policy, load_reference,
+    add_system_args, load_policy, load_reference,
     DEFAULT_MODEL, DEFAULT_TEST_DATA, InputError, JsonlLogger, distill_token_advantages, drift_metrics,
     encode_problems, global_batches, heldout_accuracy, init_distributed, kl_penalty,
     load_problems, log_ratio, model_fingerprint, my_micro_batches, pad_rows, ppo_clip_loss,
@@ -113,8 +113,7 @@ def main(argv=None):
     layout = [mb for b in global_batches(len(rollouts), args.batch_size, args.seed, 0)
               for mb in my_micro_batches(b, ctx, args.micro_batch)]
     base_logp = [s["logp"] for s in score_rollouts(student, rollouts, layout, pad_id=pad_id, temperature=temperature,
-                                                   ctx=ctx, chunked_lm_head=args.chunked_lm_head and chunked_lm_head_ok(student),
-                                                   desc="log pi_0")]
+                                                   ctx=ctx, chunked_lm_head=args.chunked_lm_head, desc="log pi_0")]
     disk_gap = max((b - r["logp_base"]).abs().max().item() for b, r in zip(base_logp, rollouts))
     if ctx.is_main and disk_gap > 0.1:
         print(f"warning: log pi_0 recomputed here differs from stage 1's by up to {disk_gap:.3f} "
