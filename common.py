@@ -51,8 +51,17 @@ def run_main(main) -> None:
     try:
         main()
         if dist.is_available() and dist.is_initialized():
-            dist.barrier()  # a rank that exits while a peer still talks to it can abort that peer (gloo)
+            # Tearing down gloo at interpreter exit can abort a rank ("terminate called without an active
+            # exception") after all work is written: free FSDP's reference cycles, wait for every rank,
+            # destroy the group, then leave without running interpreter finalisation.
+            import gc
+
+            gc.collect()
+            dist.barrier()
             dist.destroy_process_group()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         if dist.is_available() and dist.is_initialized():
