@@ -47,26 +47,29 @@ class InputError(Exception):
 
 
 def run_main(main) -> None:
-    """Run a script's main(); turn InputError into a one-line message and exit code 2."""
+    """Run a script's main(); turn InputError into a one-line message and exit code 2.
+
+    Under torch.distributed the process then leaves with os._exit, skipping interpreter finalisation:
+    gloo's worker threads drop their finished work (and the Python tensors it holds) asynchronously,
+    and a thread that does so while the interpreter finalises cannot take the GIL, is unwound inside a
+    noexcept destructor, and aborts the rank ("terminate called without an active exception" after all
+    output was written; a core dump shows ~AsyncBarrierWork -> decref -> take_gil -> pthread_exit).
+    """
+    code = 0
     try:
         main()
-        if dist.is_available() and dist.is_initialized():
-            # Tearing down gloo at interpreter exit can abort a rank ("terminate called without an active
-            # exception") after all work is written: free FSDP's reference cycles, wait for every rank,
-            # destroy the group, then leave without running interpreter finalisation.
-            import gc
-
-            gc.collect()
-            dist.barrier()
-            dist.destroy_process_group()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-        sys.exit(2)
+        code = 2
+    if dist.is_available() and dist.is_initialized():
+        if code == 0:
+            dist.barrier()  # no rank leaves while another still talks to it
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        sys.exit(code)
 
 
 # =================================================================================================
@@ -191,8 +194,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def add_system_args(p, training: bool = True) -> None:
     """The flags every script shares: weights, precision, attention; for training also resume and ranks."""
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights' dtype (bfloat16: inference only)")
-    p.add_argument("--autocast", default=None, choices=["bfloat16", "float16"],
+    # Training keeps float32 weights (AdamW's lr ~1e-6 updates vanish in bf16 weights) and computes in
+    # bf16 under --autocast; float16 is for inference only (training it would need loss scaling).
+    if not training:
+        p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights' dtype")
+    p.add_argument("--autocast", default=None, choices=["bfloat16"] if training else ["bfloat16", "float16"],
                    help="mixed precision over float32 weights (GPU training)")
     p.add_argument("--attn-implementation", default="sdpa", help="sdpa / eager / flash_attention_2")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
@@ -206,18 +212,23 @@ def add_system_args(p, training: bool = True) -> None:
                        help="training log-probs from hidden states chunk by chunk: no [B, T, V] logits")
         p.add_argument("--fsdp", action="store_true",
                        help="FSDP2: shard weights, gradients and AdamW state over ranks (models too big for one GPU)")
+        p.add_argument("--fsdp-shard-size", type=int, default=0,
+                       help="with --fsdp: shard within groups of this many ranks (one node: its GPU count) and "
+                            "replicate across groups (HSDP); 0: shard over all ranks")
 
 
 def model_kwargs(args, device) -> dict:
     """load_model's keyword arguments from add_system_args' flags."""
-    return dict(dtype=args.dtype, autocast=args.autocast, device=device,
+    return dict(dtype=getattr(args, "dtype", "float32"), autocast=args.autocast, device=device,
                 attn_implementation=args.attn_implementation, trust_remote_code=args.trust_remote_code)
 
 
 def load_model(path: str, dtype: str = "float32", device: str | torch.device = "cpu",
                attn_implementation: str = "sdpa", trust_remote_code: bool = False,
-               gradient_checkpointing: bool = False, autocast: str | None = None):
+               gradient_checkpointing: bool = False, autocast: str | None = None, weights: bool = True):
     """An AutoModelForCausalLM and its tokenizer, dropout off, ready for training and sampling.
+    With weights=False the model is built on the meta device from its config alone (no weights
+    read, no memory); load_policy fills it under --fsdp.
 
     `dtype` is the weights' (and AdamW states') dtype. For training real models on GPU use
     float32 weights with autocast="bfloat16": pure bf16 weights silently drop updates of
@@ -239,9 +250,20 @@ def load_model(path: str, dtype: str = "float32", device: str | torch.device = "
     for key, value in config.to_dict().items():
         if "dropout" in key and isinstance(value, float):
             setattr(config, key, 0.0)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, config=config, dtype=DTYPES[dtype], attn_implementation=attn_implementation,
-        trust_remote_code=trust_remote_code)
+    if weights:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, config=config, dtype=DTYPES[dtype], attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code)
+    else:
+        from transformers import GenerationConfig
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+                                                     attn_implementation=attn_implementation)
+        try:  # its EOS ids end responses (stop_token_ids)
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        except OSError:
+            pass
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -249,23 +271,41 @@ def load_model(path: str, dtype: str = "float32", device: str | torch.device = "
         tokenizer.pad_token = tokenizer.eos_token
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.to(device)
+    if weights:
+        model.to(device)
     model.name_or_path = path
     model.erpd_autocast = DTYPES[autocast] if autocast else None
     return model, tokenizer
 
 
 def load_policy(args, ctx):
-    """The model to train, from add_system_args' flags: on ctx.device, or with --fsdp loaded on
-    CPU and sharded over the ranks (each rank moves only its shard to its GPU)."""
+    """The model to train, from add_system_args' flags, on ctx.device.
+
+    With --fsdp, rank 0 alone reads the weights (one host copy in the whole job, not one per rank);
+    every rank builds the model on the meta device, shards it, and receives its shard from rank 0.
+    """
     if args.fsdp and args.chunked_lm_head:
         raise InputError("--chunked-lm-head calls the decoder outside the FSDP root: use one or the other")
-    model, tokenizer = load_model(args.model, gradient_checkpointing=args.gradient_checkpointing,
-                                  **model_kwargs(args, "cpu" if args.fsdp else ctx.device))
+    model, tokenizer = load_model(args.model, gradient_checkpointing=args.gradient_checkpointing, weights=not args.fsdp,
+                                  **model_kwargs(args, ctx.device))
     # the effective setting, read alike by scoring (log pi_0, shards) and training: the same LM-head path
     args.chunked_lm_head = args.chunked_lm_head and chunked_lm_head_ok(model)
-    if args.fsdp:
-        shard_model(model, ctx, model.erpd_autocast)
+    if not args.fsdp:
+        return model, tokenizer
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    source = load_model(args.model, **model_kwargs(args, "cpu"))[0] if ctx.rank == 0 else None
+    shard_model(model, ctx, model.erpd_autocast, args.fsdp_shard_size)
+    model.to_empty(device=ctx.device)
+    set_model_state_dict(model, source.state_dict() if source else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    # buffers outside the state dict (rotary inv_freq): rank 0's values, to every rank
+    source_buffers = dict(source.named_buffers()) if source else {}
+    for name, buffer in model.named_buffers():
+        if source:
+            buffer.copy_(source_buffers[name])
+        if ctx.world > 1:
+            dist.broadcast(buffer, src=0)
     return model, tokenizer
 
 
@@ -326,7 +366,7 @@ def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator
     if top_p < 1.0:
         sorted_probs, order = probs.sort(-1, descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keeps the token that crosses top_p
-        sorted_probs[outside] = 0.0
+        sorted_probs.masked_fill_(outside, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
@@ -349,36 +389,39 @@ def sample_responses(model, prompts: list[list[int]], *, max_new_tokens: int, te
     # longest prompts first: similar lengths share a batch, and less padding is computed
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results: list[dict | None] = [None] * len(prompts)
-    for start in progress(range(0, len(order), batch_size), enabled=show_progress, desc="sampling"):
-        batch = order[start:start + batch_size]
-        ids, mask, positions = left_pad([prompts[i] for i in batch], pad_id, device)
-        out = forward(model, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                      logits_to_keep=1)
-        cache = out[cache_kw] if cache_kw in out else out.past_key_values
-        position = positions[:, -1]
-        done = torch.zeros(len(batch), dtype=torch.bool, device=device)
-        tokens = []
-        for step in range(max_new_tokens):
-            tok = next_token(out.logits[:, -1], temperature, top_p, generator)
-            tok = torch.where(done, torch.full_like(tok, pad_id), tok)
-            tokens.append(tok)
-            done |= torch.isin(tok, stop)
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            position = position + 1
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            out = forward(model, input_ids=tok[:, None], attention_mask=mask, position_ids=position[:, None],
-                          use_cache=True, **{cache_kw: cache})
+    # one autocast around the whole loop: its cache then keeps the weights' bf16 copies across the
+    # per-token forwards (each forward's own autocast would re-cast every weight at every token)
+    with autocast_of(model):
+        for start in progress(range(0, len(order), batch_size), enabled=show_progress, desc="sampling"):
+            batch = order[start:start + batch_size]
+            ids, mask, positions = left_pad([prompts[i] for i in batch], pad_id, device)
+            out = forward(model, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                          logits_to_keep=1)
             cache = out[cache_kw] if cache_kw in out else out.past_key_values
-        generated = torch.stack(tokens, dim=1).tolist()
-        for row, i in enumerate(batch):
-            response, truncated = [], True
-            for t in generated[row]:
-                response.append(t)
-                if t in stop_ids:
-                    truncated = False
+            position = positions[:, -1]
+            done = torch.zeros(len(batch), dtype=torch.bool, device=device)
+            tokens = []
+            for step in range(max_new_tokens):
+                tok = next_token(out.logits[:, -1], temperature, top_p, generator)
+                tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+                tokens.append(tok)
+                done |= torch.isin(tok, stop)
+                if bool(done.all()) or step == max_new_tokens - 1:
                     break
-            results[i] = {"response_ids": response, "truncated": truncated}
+                position = position + 1
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                out = forward(model, input_ids=tok[:, None], attention_mask=mask, position_ids=position[:, None],
+                              use_cache=True, **{cache_kw: cache})
+                cache = out[cache_kw] if cache_kw in out else out.past_key_values
+            generated = torch.stack(tokens, dim=1).tolist()
+            for row, i in enumerate(batch):
+                response, truncated = [], True
+                for t in generated[row]:
+                    response.append(t)
+                    if t in stop_ids:
+                        truncated = False
+                        break
+                results[i] = {"response_ids": response, "truncated": truncated}
     model.train(was_training)
     return results
 
@@ -1837,7 +1880,7 @@ def train_epoch(model, optimizer, rollouts: list[dict], loss_fn, *, epoch: int, 
             continue
         counts = {"tokens": sum(len(rollouts[i]["response_ids"]) for i in batch), "seqs": len(batch)}
         optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
+        step_loss, step_stats = 0.0, {}  # kept on the device: read once per step, not per micro-batch
         mine = my_micro_batches(batch, ctx, micro_batch)
         if is_sharded(model):  # FSDP gathers weights in every forward / backward: all ranks run as many
             most = -(-len(batch[0::ctx.world]) // micro_batch)
@@ -1852,11 +1895,13 @@ def train_epoch(model, optimizer, rollouts: list[dict], loss_fn, *, epoch: int, 
                 (loss * 0.0).backward()
                 continue
             loss.backward()
-            step_loss += loss.item()
+            step_loss = step_loss + loss.detach()
             for k, v in stats.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
+                step_stats[k] = step_stats.get(k, 0.0) + v
+        for k, v in step_stats.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
         all_reduce_gradients(model, ctx)
-        step_loss = all_reduce_sum([step_loss], ctx)[0]
+        step_loss = all_reduce_sum([float(step_loss)], ctx)[0]
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor over the ranks' shards
             grad_norm = grad_norm.full_tensor()
@@ -2093,8 +2138,9 @@ def init_distributed(timeout_minutes: float = 30.0, device: str | None = None) -
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+        cuda = device.type == "cuda"  # device_id binds NCCL to this rank's GPU (barriers included)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes),
+                                device_id=device if cuda else None)
     return Context(rank, local_rank, world, device)
 
 
@@ -2134,9 +2180,11 @@ def all_reduce_gradients(model, ctx: Context) -> None:
             bucket, size = [], 0
 
 
-def shard_model(model, ctx: Context, compute_dtype: torch.dtype | None = None):
+def shard_model(model, ctx: Context, compute_dtype: torch.dtype | None = None, shard_size: int = 0):
     """FSDP2: `fully_shard` every decoder layer, then the root; each rank keeps 1 / world of the
-    weights, gradients and AdamW state, on ctx.device.
+    weights, gradients and AdamW state, on ctx.device. With 0 < shard_size < world: HSDP, shards
+    over groups of shard_size ranks (all-gathers stay inside a node) and gradient all-reduce across
+    the world / shard_size groups.
 
     Gradients are summed over ranks, not averaged: losses are already divided by the global token
     count (divide factor 1; SUM collectives, which gloo supports too). compute_dtype (--autocast):
@@ -2148,7 +2196,11 @@ def shard_model(model, ctx: Context, compute_dtype: torch.dtype | None = None):
     if not dist.is_initialized():  # one process without torchrun: FSDP still wants a process group
         dist.init_process_group("nccl" if ctx.device.type == "cuda" else "gloo", store=dist.HashStore(),
                                 rank=0, world_size=1)
-    mesh = init_device_mesh(ctx.device.type, (ctx.world,))
+    shard_size = shard_size or ctx.world
+    if shard_size < 1 or ctx.world % shard_size:
+        raise InputError(f"--fsdp-shard-size {shard_size}: expected a divisor of the world size {ctx.world}")
+    mesh = init_device_mesh(ctx.device.type, (ctx.world,)) if shard_size == ctx.world else \
+        init_device_mesh(ctx.device.type, (ctx.world // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     layer_classes = set(getattr(model, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in layer_classes]

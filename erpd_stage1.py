@@ -19,7 +19,7 @@ sampled token [, the teacher's top-k ids and log-probs] + manifest.json) and OUT
 
     python erpd_stage1.py                                  # embedded tiny default, CPU, ~2 min
     torchrun --nproc_per_node 8 erpd_stage1.py --model Qwen/Qwen2.5-Math-1.5B-Instruct \\
-        --data openai/gsm8k:main --dtype bfloat16 --num-prompts 1000 --samples-per-prompt 16 \\
+        --data openai/gsm8k:main --autocast bfloat16 --num-prompts 1000 --samples-per-prompt 16 \\
         --max-new-tokens 1024 --lr 1e-6 --batch-size 512 --micro-batch 8 --out runs/r1/stage1
 """
 

@@ -17,7 +17,7 @@ only moves on D's sampled tokens, and only within 1 +- eps of pi_0.
 
     python erpd_stage2.py --teacher runs/stage1                        # embedded tiny default
     torchrun --nproc_per_node 8 erpd_stage2.py --model Qwen/Qwen2.5-Math-1.5B-Instruct \\
-        --teacher runs/r1/stage1 --dtype bfloat16 --lr 1e-6 --batch-size 512 --micro-batch 8 \\
+        --teacher runs/r1/stage1 --autocast bfloat16 --lr 1e-6 --batch-size 512 --micro-batch 8 \\
         --out runs/r1/stage2
 """
 

@@ -37,7 +37,7 @@ def main():
     p.add_argument("--model", default=common.DEFAULT_MODEL)
     p.add_argument("--data", default=str(DATA))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--autocast", default="bfloat16", choices=["bfloat16", "float16", "none"])
+    p.add_argument("--autocast", default="bfloat16", choices=["bfloat16", "none"])
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=512)
@@ -47,12 +47,17 @@ def main():
     args = p.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    if cuda:  # the memory counters and synchronize() below act on the current device
+        torch.cuda.set_device(device)
     autocast = None if args.autocast == "none" or not cuda else args.autocast
     model, tokenizer = common.load_model(args.model, device=device, autocast=autocast,
                                          gradient_checkpointing=args.gradient_checkpointing)
     ctx = common.Context(0, 0, 1, device)
     problems = common.load_problems(args.data, num=args.prompts, seed=0)
     problems = common.encode_problems(tokenizer, problems, 1024, args.data)
+
+    # warm-up (kernel selection, cuBLAS and allocator set-up) outside the timed phases
+    common.sample_and_score(model, tokenizer, problems[:2], 2, ctx=ctx, seed=1, max_new_tokens=8, temperature=1.0)
 
     def phase(fn):
         if cuda:

@@ -99,6 +99,19 @@ def test_fsdp_matches_one_process_with_uneven_work_and_resumes(two_process_stage
     assert max_weight_diff(tmp_path / "s2-fsdp1" / "student", tmp_path / "s2-plain" / "student") == 0.0
 
 
+def test_hsdp_four_processes_match_one(two_process_stage1, tmp_path):
+    """--fsdp-shard-size 2 on 4 processes: shards over pairs, gradients all-reduced across the 2 pairs
+    (HSDP, as on 2 nodes), the same teacher as 1 plain process; a shard size that does not divide the
+    world is refused."""
+    stage1 = ["--rollouts", two_process_stage1, "--teacher-loss", "ppo", "--epochs", "1", *UNEVEN]
+    launch("erpd_stage1.py", 1, *stage1, "--out", tmp_path / "plain")
+    launch("erpd_stage1.py", 4, *stage1, "--fsdp", "--fsdp-shard-size", "2", "--out", tmp_path / "hsdp")
+    assert max_weight_diff(tmp_path / "plain" / "teacher", tmp_path / "hsdp" / "teacher") <= 1e-4
+    assert max_weight_diff(tmp_path / "plain" / "teacher", Path(common.DEFAULT_MODEL)) > 1e-3
+    with pytest.raises(AssertionError, match="--fsdp-shard-size 3: expected a divisor of the world size 2"):
+        launch("erpd_stage1.py", 2, *stage1, "--fsdp", "--fsdp-shard-size", "3", "--out", tmp_path / "bad")
+
+
 def test_fsdp_mixed_precision_keeps_ratio_one_at_the_first_step(two_process_stage1, tmp_path):
     """bf16 compute over float32 shards: log pi_0 (scored with the whole gathered model) and the
     training forward (gathered layer by layer) agree exactly, so with lr 0 every ratio is 1."""

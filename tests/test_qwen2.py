@@ -59,3 +59,44 @@ def test_qwen2_fsdp_two_processes_match_one(qwen2, tmp_path):
     assert max_weight_diff(tmp_path / "plain" / "teacher", qwen2) > 1e-3  # it trained
     config = json.loads((tmp_path / "fsdp" / "teacher" / "config.json").read_text())
     assert config["architectures"] == ["Qwen2ForCausalLM"] and config["tie_word_embeddings"]
+
+
+FSDP_LOAD = '''
+import sys
+from types import SimpleNamespace
+import torch, transformers
+sys.path.insert(0, {root!r})
+import common
+
+
+def main():
+    ctx = common.init_distributed()
+    if ctx.rank != 0:  # under --fsdp only rank 0 may read the weights
+        def refuse(*args, **kwargs):
+            raise AssertionError(f"rank {{ctx.rank}} read the weights")
+        transformers.AutoModelForCausalLM.from_pretrained = refuse
+    args = SimpleNamespace(model={model!r}, fsdp=True, fsdp_shard_size={shard_size}, chunked_lm_head=False,
+                           gradient_checkpointing=False, autocast=None, attn_implementation="sdpa",
+                           trust_remote_code=False)
+    model, _ = common.load_policy(args, ctx)
+    embedding = model.get_input_embeddings().weight
+    assert embedding.to_local().numel() < embedding.numel()  # each rank holds a shard
+    assert embedding.device_mesh.ndim == (2 if {shard_size} else 1)  # HSDP: replicate x shard
+    assert model.get_output_embeddings().weight is embedding  # still tied
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    with common.full_weights(model):
+        logits = model(input_ids=ids).logits
+    plain, _ = common.load_model({model!r}) if ctx.rank == 0 else (None, None)
+    if plain is not None:  # the same weights and rotary buffers as a plain load: the same logits, bit for bit
+        assert torch.equal(plain(input_ids=ids).logits, logits), (plain(input_ids=ids).logits - logits).abs().max()
+
+
+common.run_main(main)
+'''
+
+
+@pytest.mark.parametrize("nproc,shard_size", [(2, 0), (4, 2)])
+def test_fsdp_load_reads_weights_on_rank_0_only(qwen2, tmp_path, nproc, shard_size):
+    script = tmp_path / "fsdp_load.py"
+    script.write_text(FSDP_LOAD.format(root=str(common.ROOT), model=str(qwen2), shard_size=shard_size))
+    launch(script, nproc)
