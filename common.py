@@ -286,6 +286,8 @@ def load_policy(args, ctx):
     """
     if args.fsdp and args.chunked_lm_head:
         raise InputError("--chunked-lm-head calls the decoder outside the FSDP root: use one or the other")
+    if args.fsdp_shard_size and not args.fsdp:
+        raise InputError(f"--fsdp-shard-size {args.fsdp_shard_size}: only with --fsdp")
     model, tokenizer = load_model(args.model, gradient_checkpointing=args.gradient_checkpointing, weights=not args.fsdp,
                                   **model_kwargs(args, ctx.device))
     # the effective setting, read alike by scoring (log pi_0, shards) and training: the same LM-head path

@@ -109,6 +109,16 @@ def test_bad_data_is_one_clear_line(tmp_path, content, fragments):
     expect_error(proc, str(data), *fragments)
 
 
+@pytest.mark.parametrize("flags, fragment", [
+    (["--fsdp-shard-size", "2"], "--fsdp-shard-size 2: only with --fsdp"),
+    (["--fsdp", "--fsdp-shard-size", "2"], "--fsdp-shard-size 2: expected a divisor of the world size 1"),
+    (["--fsdp", "--chunked-lm-head"], "--chunked-lm-head calls the decoder outside the FSDP root"),
+])
+def test_bad_parallelism_flags_are_one_clear_line(tmp_path, flags, fragment):
+    proc = run("erpd_stage1.py", *flags, "--out", tmp_path / "out", check=False)
+    expect_error(proc, fragment)
+
+
 def test_long_prompts_are_skipped_or_fatal(tmp_path):
     rows = [{"prompt": "1+1", "answer": "2"}, {"prompt": "1+" * 200 + "1", "answer": "201"}] * 2
     data = write(tmp_path / "d.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
