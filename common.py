@@ -279,23 +279,38 @@ def load_model(path: str, dtype: str = "float32", device: str | torch.device = "
 
 
 def load_policy(args, ctx):
-    """The model to train, from add_system_args' flags, on ctx.device.
-
-    With --fsdp, rank 0 alone reads the weights (one host copy in the whole job, not one per rank);
-    every rank builds the model on the meta device, shards it, and receives its shard from rank 0.
-    """
+    """The model to train, from add_system_args' flags: on ctx.device, or sharded with --fsdp."""
     if args.fsdp and args.chunked_lm_head:
         raise InputError("--chunked-lm-head calls the decoder outside the FSDP root: use one or the other")
     if args.fsdp_shard_size and not args.fsdp:
         raise InputError(f"--fsdp-shard-size {args.fsdp_shard_size}: only with --fsdp")
-    model, tokenizer = load_model(args.model, gradient_checkpointing=args.gradient_checkpointing, weights=not args.fsdp,
-                                  **model_kwargs(args, ctx.device))
+    if args.fsdp:
+        model, tokenizer = load_sharded(args, ctx, args.gradient_checkpointing)
+    else:
+        model, tokenizer = load_model(args.model, gradient_checkpointing=args.gradient_checkpointing,
+                                      **model_kwargs(args, ctx.device))
     # the effective setting, read alike by scoring (log pi_0, shards) and training: the same LM-head path
     args.chunked_lm_head = args.chunked_lm_head and chunked_lm_head_ok(model)
-    if not args.fsdp:
-        return model, tokenizer
+    return model, tokenizer
+
+
+def load_reference(args, ctx):
+    """A frozen copy of pi_0 for the exact-KL diagnostics. Unsharded it stays on CPU and visits the
+    GPU only while drift_metrics runs, so training memory is that of the policy alone (METHOD: no
+    second model during training). With --fsdp it is sharded like the policy (1 / world of it per GPU,
+    no host copy) and computes in the policy's precision, so the KL at the first step is exactly 0."""
+    ref = load_sharded(args, ctx)[0] if args.fsdp else load_model(args.model, **model_kwargs(args, "cpu"))[0]
+    return ref.requires_grad_(False).eval()
+
+
+def load_sharded(args, ctx, gradient_checkpointing: bool = False):
+    """args.model under FSDP2 (shard_model) on ctx.device. Rank 0 alone reads the weights (one host
+    copy in the whole job, not one per rank); every rank builds the model on the meta device, shards
+    it, and receives its shard from rank 0."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+    model, tokenizer = load_model(args.model, gradient_checkpointing=gradient_checkpointing, weights=False,
+                                  **model_kwargs(args, ctx.device))
     source = load_model(args.model, **model_kwargs(args, "cpu"))[0] if ctx.rank == 0 else None
     shard_model(model, ctx, model.erpd_autocast, args.fsdp_shard_size)
     model.to_empty(device=ctx.device)
@@ -309,14 +324,6 @@ def load_policy(args, ctx):
         if ctx.world > 1:
             dist.broadcast(buffer, src=0)
     return model, tokenizer
-
-
-def load_reference(args):
-    """A frozen copy of pi_0 for the exact-KL diagnostics. It stays on CPU and visits the GPU only
-    while drift_metrics runs, so training memory is that of the policy alone (METHOD: no second
-    model during training)."""
-    ref, _ = load_model(args.model, **model_kwargs(args, "cpu"))
-    return ref.requires_grad_(False).eval()
 
 
 def autocast_of(model):
@@ -1768,13 +1775,16 @@ def drift_metrics(policy, rollouts: list[dict], indices: list[int], *, ctx, pad_
         return {}
     mine = indices[ctx.rank::ctx.world]
     micro_batches = [mine[s:s + micro_batch] for s in range(0, len(mine), micro_batch)]
+    offload = ref_model is not None and not is_sharded(ref_model)  # load_reference keeps it on CPU
     try:
-        if ref_model is not None:
-            ref_model.to(ctx.device)  # load_reference keeps it on CPU between diagnostics
-        scores = [s for s in score_rollouts(policy, rollouts, micro_batches, pad_id=pad_id, temperature=temperature,
-                                            ctx=ctx, ref_model=ref_model, desc="drift on D") if s is not None]
+        if offload:
+            ref_model.to(ctx.device)
+        with full_weights(ref_model):  # sharded (--fsdp): gathered for the whole pass
+            scores = [s for s in score_rollouts(policy, rollouts, micro_batches, pad_id=pad_id,
+                                                temperature=temperature, ctx=ctx, ref_model=ref_model,
+                                                desc="drift on D") if s is not None]
     finally:
-        if ref_model is not None:
+        if offload:
             ref_model.to("cpu")
     n_tokens = sum(len(s["logp"]) for s in scores)
     if n_tokens == 0:
@@ -2228,7 +2238,7 @@ def is_sharded(model) -> bool:
 def full_weights(model):
     """Under FSDP, gather the whole model once (all ranks together); inside, every rank may run any
     number of forwards with no collective (sampling and scoring do unequal work per rank).
-    Resharded on exit. A no-op for an unsharded model."""
+    Resharded on exit. A no-op for an unsharded model (or None)."""
     if not is_sharded(model):
         yield
         return

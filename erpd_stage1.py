@@ -122,7 +122,7 @@ def main(argv=None):
     log = JsonlLogger(out / "metrics.jsonl", enabled=ctx.is_main, append=args.resume)
     log.log(event="config", world_size=ctx.world, **vars(args))
     model, tokenizer = load_policy(args, ctx)
-    base = load_reference(args) if args.kl_rollouts else None  # frozen pi_0 on CPU, for the exact-KL curves on D
+    base = load_reference(args, ctx) if args.kl_rollouts else None  # frozen pi_0 for the exact-KL curves on D
     fingerprints = {"base_fingerprint": model_fingerprint(model), "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)}
     vocab = model.get_output_embeddings().weight.shape[0]
     if not 0 <= args.teacher_topk <= vocab:

@@ -58,7 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--kl-coef", type=float, default=0.0, help="weight of KL(pi_theta || pi_0)")
     # diagnostics
     p.add_argument("--kl-rollouts", type=int, default=256,
-                   help="rollouts of D for the exact-KL curve; loads a frozen pi_0, kept on CPU between diagnostics (0: off)")
+                   help="rollouts of D for the exact-KL curve; loads a frozen pi_0, kept on CPU between diagnostics "
+                        "(sharded on the GPUs under --fsdp; 0: off)")
     p.add_argument("--eval-every", type=int, default=2, help="held-out accuracy every k epochs (0: off)")
     p.add_argument("--eval-prompts", type=int, default=200, help="held-out problems per accuracy point")
     p.add_argument("--eval-samples", type=int, default=4, help="samples per held-out problem")
@@ -122,7 +123,7 @@ def main(argv=None):
             delta_mean=torch.cat(delta).mean().item(), delta_abs_mean=torch.cat(delta).abs().mean().item(),
             delta_positive=(torch.cat(delta) > 0).float().mean().item())
 
-    ref = load_reference(args) if args.kl_rollouts else None  # on CPU between diagnostics
+    ref = load_reference(args, ctx) if args.kl_rollouts else None  # frozen pi_0 for the exact-KL curves
     kl_subset = torch.randperm(len(rollouts), generator=torch.Generator().manual_seed(args.seed))
     kl_subset = kl_subset[:max(args.kl_rollouts, 64)].tolist()
     eval_problems = None

@@ -114,12 +114,14 @@ def test_hsdp_four_processes_match_one(two_process_stage1, tmp_path):
 
 def test_fsdp_mixed_precision_keeps_ratio_one_at_the_first_step(two_process_stage1, tmp_path):
     """bf16 compute over float32 shards: log pi_0 (scored with the whole gathered model) and the
-    training forward (gathered layer by layer) agree exactly, so with lr 0 every ratio is 1."""
+    training forward (gathered layer by layer) agree exactly, so with lr 0 every ratio is 1 and the
+    exact KL to the frozen (also sharded) pi_0 is 0."""
     launch("erpd_stage1.py", 2, "--rollouts", two_process_stage1, "--teacher-loss", "ppo", *UNEVEN[:-2],
            "--lr", "0", "--epochs", "1", "--fsdp", "--autocast", "bfloat16", "--out", tmp_path)
     epochs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
               if '"epoch"' in line and '"event": "epoch"' in line]
     assert epochs[-1]["epoch"] == 1 and epochs[-1]["mean_abs_log_ratio"] == 0.0 and epochs[-1]["clip_fraction"] == 0.0
+    assert epochs[-1]["kl_to_base"] == 0.0  # the frozen pi_0 is sharded too and computes in the same precision
     assert max_weight_diff(tmp_path / "teacher", Path(common.DEFAULT_MODEL)) == 0.0
 
 
