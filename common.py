@@ -1755,10 +1755,10 @@ def score_rollouts(model, rollouts: list[dict], micro_batches: list[list[int]], 
             if top_k:
                 logits = response_logits(model, batch) if chunked_lm_head else logits
                 scores["topk_logp"], scores["topk_ids"] = token_topk(logits, top_k, temperature)
-            for row, i in enumerate(mb):
+            scores = {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in scores.items()}  # one copy
+            for row, i in enumerate(mb):  # rows cloned: a view would carry (and pickle) the whole batch
                 n = len(rollouts[i]["response_ids"])
-                mine[i] = {k: (v[row, :n].float() if v.is_floating_point() else v[row, :n]).cpu()
-                           for k, v in scores.items()}
+                mine[i] = {k: v[row, :n].clone() for k, v in scores.items()}
     model.train(was_training)
     results: list[dict | None] = [None] * len(rollouts)
     for part in all_gather_objects(mine, ctx):
