@@ -194,10 +194,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def add_system_args(p, training: bool = True) -> None:
     """The flags every script shares: weights, precision, attention; for training also resume and ranks."""
-    # Training keeps float32 weights (AdamW's lr ~1e-6 updates vanish in bf16 weights) and computes in
-    # bf16 under --autocast; float16 is for inference only (training it would need loss scaling).
-    if not training:
-        p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights' dtype")
+    # Training: float32 weights (AdamW's lr ~1e-6 updates vanish in bf16 weights) computing in bf16 under
+    # --autocast; float16 is for inference only (training it would need loss scaling).
+    p.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"] if training else sorted(DTYPES),
+                   help="weights' dtype" + ("; bfloat16 weights round away updates below ~1/256 of a weight "
+                                            "(lr 1e-6): for bf16 compute use --autocast" if training else ""))
     p.add_argument("--autocast", default=None, choices=["bfloat16"] if training else ["bfloat16", "float16"],
                    help="mixed precision over float32 weights (GPU training)")
     p.add_argument("--attn-implementation", default="sdpa", help="sdpa / eager / flash_attention_2")
@@ -219,7 +220,7 @@ def add_system_args(p, training: bool = True) -> None:
 
 def model_kwargs(args, device) -> dict:
     """load_model's keyword arguments from add_system_args' flags."""
-    return dict(dtype=getattr(args, "dtype", "float32"), autocast=args.autocast, device=device,
+    return dict(dtype=args.dtype, autocast=args.autocast, device=device,
                 attn_implementation=args.attn_implementation, trust_remote_code=args.trust_remote_code)
 
 
@@ -284,6 +285,10 @@ def load_policy(args, ctx):
         raise InputError("--chunked-lm-head calls the decoder outside the FSDP root: use one or the other")
     if args.fsdp_shard_size and not args.fsdp:
         raise InputError(f"--fsdp-shard-size {args.fsdp_shard_size}: only with --fsdp")
+    if args.dtype != "float32" and ctx.is_main:
+        print(f"warning: --dtype {args.dtype}: AdamW updates smaller than ~1/256 of a weight are rounded away "
+              "(at lr 1e-6 most weights never move); float32 weights with --autocast bfloat16 train in bf16 "
+              "without this", file=sys.stderr)
     if args.fsdp:
         model, tokenizer = load_sharded(args, ctx, args.gradient_checkpointing)
     else:

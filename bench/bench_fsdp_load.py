@@ -35,7 +35,7 @@ def worker(model_dir: str, case: str) -> None:
     base = rss_mb()
     reset_peak()
     args = SimpleNamespace(model=model_dir, fsdp=True, fsdp_shard_size=0, chunked_lm_head=False,
-                           gradient_checkpointing=False, autocast=None, attn_implementation="sdpa",
+                           gradient_checkpointing=False, dtype="float32", autocast=None, attn_implementation="sdpa",
                            trust_remote_code=False)
     if case == "rank0-reads":
         model, _ = common.load_policy(args, ctx)

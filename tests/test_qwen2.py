@@ -76,7 +76,7 @@ def main():
             raise AssertionError(f"rank {{ctx.rank}} read the weights")
         transformers.AutoModelForCausalLM.from_pretrained = refuse
     args = SimpleNamespace(model={model!r}, fsdp=True, fsdp_shard_size={shard_size}, chunked_lm_head=False,
-                           gradient_checkpointing=False, autocast=None, attn_implementation="sdpa",
+                           gradient_checkpointing=False, dtype="float32", autocast=None, attn_implementation="sdpa",
                            trust_remote_code=False)
     model, _ = common.load_policy(args, ctx)
     embedding = model.get_input_embeddings().weight

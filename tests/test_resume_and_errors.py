@@ -9,8 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
+import common
+import erpd_stage1
 from test_pipeline import ROOT, run
 
 STAGE1 = ["--num-prompts", "8", "--samples-per-prompt", "4", "--max-new-tokens", "32", "--epochs", "6",
@@ -117,6 +120,16 @@ def test_bad_data_is_one_clear_line(tmp_path, content, fragments):
 def test_bad_parallelism_flags_are_one_clear_line(tmp_path, flags, fragment):
     proc = run("erpd_stage1.py", *flags, "--out", tmp_path / "out", check=False)
     expect_error(proc, fragment)
+
+
+def test_bf16_training_weights_are_warned_and_fp16_refused(capsys):
+    args = erpd_stage1.parse_args(["--dtype", "bfloat16"])
+    model, _ = common.load_policy(args, common.Context(0, 0, 1, torch.device("cpu")))
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert "--dtype bfloat16: AdamW updates smaller than ~1/256 of a weight are rounded away" in capsys.readouterr().err
+    for flags in (["--dtype", "float16"], ["--autocast", "float16"]):  # no loss scaling: tiny gradients flush to 0
+        with pytest.raises(SystemExit):
+            erpd_stage1.parse_args(flags)
 
 
 def test_long_prompts_are_skipped_or_fatal(tmp_path):
