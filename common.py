@@ -18,6 +18,7 @@ import cmath
 import contextlib
 import datetime
 import functools
+import gc
 import hashlib
 import inspect
 import json
@@ -200,7 +201,7 @@ def add_system_args(p, training: bool = True) -> None:
                    help="weights' dtype" + ("; bfloat16 weights round away updates below ~1/256 of a weight "
                                             "(lr 1e-6): for bf16 compute use --autocast" if training else ""))
     p.add_argument("--autocast", default=None, choices=["bfloat16"] if training else ["bfloat16", "float16"],
-                   help="mixed precision over float32 weights (GPU training)")
+                   help="mixed precision over float32 weights" + (" (GPU training)" if training else ""))
     p.add_argument("--attn-implementation", default="sdpa", help="sdpa / eager / flash_attention_2")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
     if training:
@@ -229,7 +230,7 @@ def load_model(path: str, dtype: str = "float32", device: str | torch.device = "
                gradient_checkpointing: bool = False, autocast: str | None = None, weights: bool = True):
     """An AutoModelForCausalLM and its tokenizer, dropout off, ready for training and sampling.
     With weights=False the model is built on the meta device from its config alone (no weights
-    read, no memory); load_policy fills it under --fsdp.
+    read, no memory); load_sharded fills it under --fsdp.
 
     `dtype` is the weights' (and AdamW states') dtype. For training real models on GPU use
     float32 weights with autocast="bfloat16": pure bf16 weights silently drop updates of
@@ -260,7 +261,7 @@ def load_model(path: str, dtype: str = "float32", device: str | torch.device = "
 
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
-                                                     attn_implementation=attn_implementation)
+                                                     attn_implementation=attn_implementation).eval()
         try:  # its EOS ids end responses (stop_token_ids)
             model.generation_config = GenerationConfig.from_pretrained(path)
         except OSError:
@@ -285,6 +286,8 @@ def load_policy(args, ctx):
         raise InputError("--chunked-lm-head calls the decoder outside the FSDP root: use one or the other")
     if args.fsdp_shard_size and not args.fsdp:
         raise InputError(f"--fsdp-shard-size {args.fsdp_shard_size}: only with --fsdp")
+    if args.fsdp_shard_size < 0 or ctx.world % (args.fsdp_shard_size or ctx.world):
+        raise InputError(f"--fsdp-shard-size {args.fsdp_shard_size}: expected a divisor of the world size {ctx.world}")
     if args.dtype != "float32" and ctx.is_main:
         print(f"warning: --dtype {args.dtype}: AdamW updates smaller than ~1/256 of a weight are rounded away "
               "(at lr 1e-6 most weights never move); float32 weights with --autocast bfloat16 train in bf16 "
@@ -328,6 +331,13 @@ def load_sharded(args, ctx, gradient_checkpointing: bool = False):
             buffer.copy_(source_buffers[name])
         if ctx.world > 1:
             dist.broadcast(buffer, src=0)
+    del source, source_buffers
+    gc.collect()  # the model's reference cycles: free rank 0's full copy now, not at the next collection
+    for module in model.modules():  # a plain tensor attribute (a cache, say) would still be on meta
+        for name, value in vars(module).items():
+            if isinstance(value, torch.Tensor) and value.is_meta:
+                raise InputError(f"--fsdp: {type(module).__name__}.{name} is a tensor outside the parameters and "
+                                 "buffers, which sharded loading cannot fill; run this model without --fsdp")
     return model, tokenizer
 
 
@@ -1914,7 +1924,7 @@ def train_epoch(model, optimizer, rollouts: list[dict], loss_fn, *, epoch: int, 
             loss.backward()
             step_loss = step_loss + loss.detach()
             for k, v in stats.items():
-                step_stats[k] = step_stats.get(k, 0.0) + v
+                step_stats[k] = step_stats.get(k, 0) + v  # counts stay int64
         for k, v in step_stats.items():
             totals[k] = totals.get(k, 0.0) + float(v)
         all_reduce_gradients(model, ctx)
@@ -1930,8 +1940,14 @@ def train_epoch(model, optimizer, rollouts: list[dict], loss_fn, *, epoch: int, 
         totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm.item() / len(batches)
         if on_step is not None:
             on_step(step, totals)
-    keys = sorted(k for k in totals if k not in ("loss", "grad_norm"))
-    summed = dict(zip(keys, all_reduce_sum([totals[k] for k in keys], ctx)))
+    return global_totals(totals, ctx)
+
+
+def global_totals(totals: dict, ctx) -> dict:
+    """train_epoch's per-rank stat sums added over ranks ("loss" and "grad_norm" are global already).
+    Keys are united first: a rank that had no micro-batch has none of the loss function's keys."""
+    keys = sorted({k for part in all_gather_objects(sorted(totals), ctx) for k in part} - {"loss", "grad_norm"})
+    summed = dict(zip(keys, all_reduce_sum([totals.get(k, 0.0) for k in keys], ctx)))
     return {**summed, "loss": totals.get("loss", 0.0), "grad_norm": totals.get("grad_norm", 0.0)}
 
 
@@ -1951,9 +1967,12 @@ def train_epochs(policy, rollouts: list[dict], loss_fn, *, args, ctx, pad_id: in
         log.log(event="epoch", model=tag, epoch=0, **diagnostics(policy, 0))
     for epoch in range(state["epoch"], args.epochs + 1):
         def on_step(step, totals):
-            if args.save_every and step % args.save_every == 0:
-                save_checkpoint(checkpoint, policy, optimizer, {"epoch": epoch, "step": step, "totals": totals}, ctx)
+            if args.save_every and step % args.save_every == 0:  # the epoch's running sums, over all ranks
+                save_checkpoint(checkpoint, policy, optimizer,
+                                {"epoch": epoch, "step": step, "totals": global_totals(totals, ctx)}, ctx)
         resumed = epoch == state["epoch"]
+        if resumed and not ctx.is_main:  # rank 0 carries the saved sums; the others add from zero
+            state["totals"] = {k: v for k, v in state["totals"].items() if k in ("loss", "grad_norm")}
         stats = train_epoch(policy, optimizer, rollouts, loss_fn, epoch=epoch - 1, ctx=ctx, pad_id=pad_id,
                             temperature=temperature, batch_size=args.batch_size, micro_batch=args.micro_batch,
                             seed=args.seed, max_grad_norm=args.max_grad_norm, desc=f"{tag} epoch {epoch}/{args.epochs}",
@@ -2207,17 +2226,12 @@ def shard_model(model, ctx: Context, compute_dtype: torch.dtype | None = None, s
     count (divide factor 1; SUM collectives, which gloo supports too). compute_dtype (--autocast):
     float32 master weights, layers run in bf16 / fp16, gradients reduced in float32.
     """
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     if not dist.is_initialized():  # one process without torchrun: FSDP still wants a process group
         dist.init_process_group("nccl" if ctx.device.type == "cuda" else "gloo", store=dist.HashStore(),
                                 rank=0, world_size=1)
-    shard_size = shard_size or ctx.world
-    if shard_size < 1 or ctx.world % shard_size:
-        raise InputError(f"--fsdp-shard-size {shard_size}: expected a divisor of the world size {ctx.world}")
-    mesh = init_device_mesh(ctx.device.type, (ctx.world,)) if shard_size == ctx.world else \
-        init_device_mesh(ctx.device.type, (ctx.world // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
+    mesh = _fsdp_mesh(ctx.device.type, ctx.world, shard_size or ctx.world)
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     layer_classes = set(getattr(model, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
@@ -2231,6 +2245,16 @@ def shard_model(model, ctx: Context, compute_dtype: torch.dtype | None = None, s
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
     return model
+
+
+@functools.cache
+def _fsdp_mesh(device_type: str, world: int, shard_size: int):
+    """One device mesh per layout (the policy and the frozen pi_0 share its process groups)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if shard_size == world:
+        return init_device_mesh(device_type, (world,))
+    return init_device_mesh(device_type, (world // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
 
 
 def is_sharded(model) -> bool:

@@ -1,7 +1,7 @@
 """Host memory of loading a model under --fsdp: rank 0 alone reads the weights (common.load_policy)
 against every rank reading them and then sharding (what stage 1 / 2 did before).
 
-    python bench/bench_fsdp_load.py              # random Qwen2, hidden 1024, 8 layers, vocab 32768: ~135 M params
+    python bench/bench_fsdp_load.py              # random Qwen2, hidden 1024, 8 layers, vocab 32768: 163.6 M params
     python bench/bench_fsdp_load.py --nproc 4
 
 Each case is one `torchrun --nproc_per_node N` job on gloo; every rank reports the peak RSS its

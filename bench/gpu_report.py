@@ -48,6 +48,7 @@ def main():
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if cuda:  # the memory counters and synchronize() below act on the current device
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
         torch.cuda.set_device(device)
     autocast = None if args.autocast == "none" or not cuda else args.autocast
     model, tokenizer = common.load_model(args.model, device=device, autocast=autocast,

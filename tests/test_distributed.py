@@ -99,6 +99,40 @@ def test_fsdp_matches_one_process_with_uneven_work_and_resumes(two_process_stage
     assert max_weight_diff(tmp_path / "s2-fsdp1" / "student", tmp_path / "s2-plain" / "student") == 0.0
 
 
+def test_two_processes_killed_mid_epoch_resume_with_every_ranks_stats(two_process_stage1, tmp_path):
+    """SIGKILL in the middle of an epoch, --resume, 2 processes: the same teacher and the same epoch
+    metrics as without the kill (a checkpoint holds the running stat sums of all ranks, not rank 0's)."""
+    from test_resume_and_errors import kill_after_first_checkpoint
+
+    args = ["--rollouts", two_process_stage1, "--teacher-loss", "ppo", "--epochs", "3", "--save-every", "1",
+            "--kl-rollouts", "0", *UNEVEN[:-4], "--lr", "1e-3"]
+    launch("erpd_stage1.py", 2, *args, "--out", tmp_path / "full")
+    state = kill_after_first_checkpoint("erpd_stage1.py", [*args, "--out", tmp_path / "cut"],
+                                        tmp_path / "cut" / "checkpoint-teacher", nproc=2)
+    assert state["step"] > 0 and state["totals"]["tokens"] > 0
+    launch("erpd_stage1.py", 2, *args, "--resume", "--out", tmp_path / "cut")
+    assert max_weight_diff(tmp_path / "full" / "teacher", tmp_path / "cut" / "teacher") <= 1e-6
+
+    def epochs(run):
+        lines = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return {r["epoch"]: r for r in lines if r.get("event") == "epoch" and r["epoch"] > 0}
+    full, cut = epochs("full"), epochs("cut")
+    for key in ("loss", "clip_fraction", "mean_abs_log_ratio"):
+        assert cut[state["epoch"]][key] == pytest.approx(full[state["epoch"]][key], rel=1e-5, abs=1e-9), key
+
+
+def test_a_rank_with_no_work_all_epoch(two_process_stage1, tmp_path):
+    """--batch-size 1 on 2 processes: rank 1 never gets a rollout, so it has none of the loss's stats;
+    the epoch's sums still meet (keys united over ranks) and the teacher is the 1-process one."""
+    args = ["--rollouts", two_process_stage1, "--teacher-loss", "ppo", "--epochs", "1", "--batch-size", "1",
+            "--micro-batch", "1", "--eval-every", "0", "--kl-rollouts", "0", "--lr", "1e-3"]
+    launch("erpd_stage1.py", 2, *args, "--out", tmp_path / "two")
+    launch("erpd_stage1.py", 1, *args, "--out", tmp_path / "one")
+    assert max_weight_diff(tmp_path / "one" / "teacher", tmp_path / "two" / "teacher") <= 1e-5
+    metrics = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics if m.get("event") == "epoch" and "clip_fraction" in m] == [1]
+
+
 def test_hsdp_four_processes_match_one(two_process_stage1, tmp_path):
     """--fsdp-shard-size 2 on 4 processes: shards over pairs, gradients all-reduced across the 2 pairs
     (HSDP, as on 2 nodes), the same teacher as 1 plain process; a shard size that does not divide the

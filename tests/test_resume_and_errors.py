@@ -23,25 +23,54 @@ STAGE2 = ["--epochs", "6", "--batch-size", "8", "--micro-batch", "4", "--eval-ev
           "--save-every", "1"]
 
 
-def kill_after_first_checkpoint(script, args, checkpoint: Path):
-    """Start a stage, SIGKILL it once it has saved a mid-run checkpoint; return the state it had saved."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=env,
+def signal_tree(pid: int, sig) -> None:
+    """Send sig to pid and all its descendants (torchrun starts each worker in a session of its own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
+
+
+def kill_after_first_checkpoint(script, args, checkpoint: Path, nproc: int = 1):
+    """Start a stage (under torchrun with nproc > 1), SIGKILL every process of it once it has saved a
+    checkpoint in the middle of an epoch after the first; return the state it had saved."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    proc = subprocess.Popen([*launcher, str(ROOT / script), *map(str, args)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state_file = checkpoint / "state.json"
+
+    def saved_state():
+        try:
+            return json.loads(state_file.read_text())
+        except (json.JSONDecodeError, OSError):  # not yet, or mid-rename
+            return None
+
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if state_file.is_file():
-            try:
-                state = json.loads(state_file.read_text())
-            except (json.JSONDecodeError, OSError):  # mid-rename: look again
-                continue
-            if (state["epoch"], state["step"]) >= (2, 2):
-                proc.send_signal(signal.SIGKILL)
+        state = saved_state()
+        if state and (state["epoch"], state["step"]) >= (2, 1) and state["step"] > 0:
+            signal_tree(proc.pid, signal.SIGSTOP)  # freeze every process, then read what is really on disk
+            state = saved_state()
+            if state and state["step"] > 0:
+                signal_tree(proc.pid, signal.SIGKILL)
                 proc.wait()
                 return state
+            signal_tree(proc.pid, signal.SIGCONT)
         time.sleep(0.01)
-    proc.kill()
+    signal_tree(proc.pid, signal.SIGKILL)
     pytest.fail("the run finished or stalled before it could be killed mid-way")
 
 
