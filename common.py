@@ -1478,10 +1478,15 @@ def math_reward(text: str, gold: str) -> float:
 # =================================================================================================
 
 CHUNK_ELEMENTS = 1 << 21  # rows per chunk = CHUNK_ELEMENTS // V: a few MB of float32 working memory
+# On a GPU 8 MB chunks would be bound by kernel launches (13 rows at V = 152k: ~600 chunks of ~7 kernels
+# for an 8k-token micro-batch); 64 MB chunks take ~75. Chosen by that count, not yet timed on a GPU.
+GPU_CHUNK_ELEMENTS = 1 << 24
 
 
-def _rows_per_chunk(vocab: int) -> int:
-    return max(1, CHUNK_ELEMENTS // vocab)
+def _rows_per_chunk(flat: torch.Tensor) -> int:
+    """Rows of a [N, V] tensor per chunk of the row-wise loops below."""
+    elements = CHUNK_ELEMENTS if flat.device.type == "cpu" else GPU_CHUNK_ELEMENTS
+    return max(1, elements // flat.shape[-1])
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -1501,7 +1506,7 @@ class _TokenLogprob(torch.autograd.Function):
         out_dtype = _upcast(logits[:0]).dtype
         out = torch.empty(lab.shape[0], dtype=out_dtype, device=logits.device)
         lse = torch.empty_like(out)
-        step = _rows_per_chunk(flat.shape[-1])
+        step = _rows_per_chunk(flat)
         for s in range(0, flat.shape[0], step):
             x = _upcast(flat[s:s + step]) / temperature
             lse[s:s + step] = torch.logsumexp(x, dim=-1)
@@ -1516,7 +1521,7 @@ class _TokenLogprob(torch.autograd.Function):
         flat, lab = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
         g_out = grad_out.reshape(-1).to(lse.dtype)
         grad = torch.empty_like(flat)
-        step = _rows_per_chunk(flat.shape[-1])
+        step = _rows_per_chunk(flat)
         for s in range(0, flat.shape[0], step):
             g = flat[s:s + step].to(lse.dtype, copy=True)  # one working copy, then in place
             if ctx.temperature != 1.0:
@@ -1614,7 +1619,7 @@ def token_topk(logits: torch.Tensor, k: int, temperature: float = 1.0) -> tuple[
     flat = logits.detach().reshape(-1, logits.shape[-1])
     values = torch.empty(flat.shape[0], k, dtype=_upcast(flat[:0]).dtype, device=flat.device)
     ids = torch.empty(flat.shape[0], k, dtype=torch.int32, device=flat.device)
-    step = _rows_per_chunk(flat.shape[-1])
+    step = _rows_per_chunk(flat)
     with torch.no_grad():
         for s in range(0, flat.shape[0], step):
             top = torch.log_softmax(_upcast(flat[s:s + step]) / temperature, dim=-1).topk(k, dim=-1)
@@ -1629,7 +1634,7 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     """
     flat = logits.detach().reshape(-1, logits.shape[-1])
     out = torch.empty(flat.shape[0], dtype=_upcast(flat[:0]).dtype, device=flat.device)
-    step = _rows_per_chunk(flat.shape[-1])
+    step = _rows_per_chunk(flat)
     with torch.no_grad():
         for s in range(0, flat.shape[0], step):
             logp = torch.log_softmax(_upcast(flat[s:s + step]) / temperature, dim=-1)
@@ -1644,7 +1649,7 @@ def token_kl(logits_p: torch.Tensor, logits_q: torch.Tensor, temperature: float 
     memory is that of one float32 copy; as a diagnostic call it under no_grad).
     """
     fp, fq = logits_p.reshape(-1, logits_p.shape[-1]), logits_q.reshape(-1, logits_q.shape[-1])
-    step = _rows_per_chunk(fp.shape[-1])
+    step = _rows_per_chunk(fp)
     parts = []
     for s in range(0, fp.shape[0], step):
         logp = torch.log_softmax(_upcast(fp[s:s + step]) / temperature, dim=-1)

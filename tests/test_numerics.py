@@ -32,7 +32,7 @@ def one_thread():
 @pytest.fixture
 def small_chunks(monkeypatch):
     monkeypatch.setattr(common, "CHUNK_ELEMENTS", 64)
-    rows = common._rows_per_chunk(VOCAB)
+    rows = common._rows_per_chunk(torch.empty(0, VOCAB))
     assert 1 < rows < SHAPE[0] * SHAPE[1]  # several chunks, each of several rows
     return rows
 
@@ -147,10 +147,15 @@ def test_token_kl_nonnegative_on_many_random_pairs(small_chunks):
 # gradients
 # ------------------------------------------------------------------------------------------------
 
+def test_chunks_are_cache_sized_on_cpu_and_launch_sized_on_gpus():
+    assert common._rows_per_chunk(torch.empty(0, 152064)) == 13  # 8 MB of float32
+    assert common._rows_per_chunk(torch.empty(0, 152064, device="meta")) == 110  # any accelerator: 64 MB
+
+
 @pytest.mark.parametrize("temperature", TEMPS)
 def test_token_logprobs_gradcheck(monkeypatch, temperature):
     monkeypatch.setattr(common, "CHUNK_ELEMENTS", 13)  # V = 6 -> 2 rows per chunk, 6 rows -> 3 chunks
-    assert common._rows_per_chunk(6) == 2
+    assert common._rows_per_chunk(torch.empty(0, 6)) == 2
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 3, 6, generator=g, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, 6, (2, 3), generator=g)
