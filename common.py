@@ -1717,21 +1717,26 @@ def chunked_lm_head_ok(model) -> bool:
             and not getattr(config, "final_logit_softcapping", None) and getattr(config, "logit_scale", 1.0) == 1.0)
 
 
-def response_logprobs(model, batch: dict, temperature: float, chunked_lm_head: bool = False) -> torch.Tensor:
+def response_logprobs(model, batch: dict, temperature: float, chunked_lm_head: bool = False,
+                      with_entropy: bool = False):
     """log pi(y_t | s_t) of the response tokens with the training forward: [B, T] float32, 0 at padding.
 
     chunked_lm_head: run the decoder only, slice the response positions' hidden states, and
     compute log-probs and their gradient chunk by chunk (lm_head_logprobs): no [B, T, V] logits.
+    with_entropy: return (log-probs, entropy [B, T] float32 without gradient, 0 at padding); the
+    entropy is None on the chunked path, which has no logits to take it from.
     """
     if not chunked_lm_head:
-        return token_logprobs(response_logits(model, batch), batch["labels"], temperature) * batch["mask"]
+        logits = response_logits(model, batch)
+        logp = token_logprobs(logits, batch["labels"], temperature) * batch["mask"]
+        return (logp, token_entropy(logits, temperature) * batch["mask"]) if with_entropy else logp
     width = batch["labels"].shape[1]
     with autocast_of(model):  # the decoder and the LM head in the model's precision, as model(...) would run
         hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                      position_ids=batch["position_ids"], use_cache=False).last_hidden_state
         logp = lm_head_logprobs(hidden[:, -width - 1:-1], model.get_output_embeddings().weight, batch["labels"],
                                 temperature)
-    return logp * batch["mask"]
+    return (logp * batch["mask"], None) if with_entropy else logp * batch["mask"]
 
 
 def my_micro_batches(batch: list[int], ctx, micro_batch: int) -> list[list[int]]:
@@ -1901,7 +1906,9 @@ def train_epoch(model, optimizer, rollouts: list[dict], loss_fn, *, epoch: int, 
     micro-batches and ranks, do not depend on either), and stats as plain sums.
     Returns the epoch's stats summed over ranks, plus "loss" and "grad_norm" averaged over steps.
     Resuming: steps before `start_step` are skipped and `totals` holds their running stats;
-    on_step(step, totals) runs after each optimizer step (checkpointing).
+    on_step(step, totals, metrics) runs after each optimizer step (checkpointing, the per-step log):
+    metrics are the step's loss, gradient norm, token-mean entropy of the trained tokens (pitfall:
+    collapse unnoticed; not on the chunked LM-head path), token count and learning rate.
     """
     model.train()
     device = next(model.parameters()).device
@@ -1912,7 +1919,7 @@ def train_epoch(model, optimizer, rollouts: list[dict], loss_fn, *, epoch: int, 
             continue
         counts = {"tokens": sum(len(rollouts[i]["response_ids"]) for i in batch), "seqs": len(batch)}
         optimizer.zero_grad(set_to_none=True)
-        step_loss, step_stats = 0.0, {}  # kept on the device: read once per step, not per micro-batch
+        step_loss, step_entropy, step_stats = 0.0, 0.0, {}  # on the device: read once per step
         mine = my_micro_batches(batch, ctx, micro_batch)
         if is_sharded(model):  # FSDP gathers weights in every forward / backward: all ranks run as many
             most = -(-len(batch[0::ctx.world]) // micro_batch)
@@ -1921,19 +1928,20 @@ def train_epoch(model, optimizer, rollouts: list[dict], loss_fn, *, epoch: int, 
             padding = mb is None  # a rank with less work runs one rollout at zero weight
             mb = mb or batch[:1]
             packed = pack_rollouts([rollouts[i] for i in mb], pad_id, device)
-            logp = response_logprobs(model, packed, temperature, chunked_lm_head)
+            logp, entropy = response_logprobs(model, packed, temperature, chunked_lm_head, with_entropy=True)
             loss, stats = loss_fn(mb, packed, logp, counts)
             if padding:
                 (loss * 0.0).backward()
                 continue
             loss.backward()
             step_loss = step_loss + loss.detach()
+            step_entropy = step_entropy + (entropy.sum() if entropy is not None else 0.0)
             for k, v in stats.items():
                 step_stats[k] = step_stats.get(k, 0) + v  # counts stay int64
         for k, v in step_stats.items():
             totals[k] = totals.get(k, 0.0) + float(v)
         all_reduce_gradients(model, ctx)
-        step_loss = all_reduce_sum([float(step_loss)], ctx)[0]
+        step_loss, step_entropy = all_reduce_sum([float(step_loss), float(step_entropy)], ctx)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor over the ranks' shards
             grad_norm = grad_norm.full_tensor()
@@ -1944,7 +1952,11 @@ def train_epoch(model, optimizer, rollouts: list[dict], loss_fn, *, epoch: int, 
         totals["loss"] = totals.get("loss", 0.0) + step_loss / len(batches)
         totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm.item() / len(batches)
         if on_step is not None:
-            on_step(step, totals)
+            metrics = {"loss": step_loss, "grad_norm": grad_norm.item(), "tokens": counts["tokens"],
+                       "lr": optimizer.param_groups[0]["lr"]}
+            if not chunked_lm_head:
+                metrics["entropy"] = step_entropy / max(1, counts["tokens"])
+            on_step(step, totals, metrics)
     return global_totals(totals, ctx)
 
 
@@ -1971,7 +1983,8 @@ def train_epochs(policy, rollouts: list[dict], loss_fn, *, args, ctx, pad_id: in
     if state["epoch"] == 1 and state["step"] == 0:
         log.log(event="epoch", model=tag, epoch=0, **diagnostics(policy, 0))
     for epoch in range(state["epoch"], args.epochs + 1):
-        def on_step(step, totals):
+        def on_step(step, totals, metrics):
+            log.log(event="step", model=tag, epoch=epoch, step=step, **metrics)
             if args.save_every and step % args.save_every == 0:  # the epoch's running sums, over all ranks
                 save_checkpoint(checkpoint, policy, optimizer,
                                 {"epoch": epoch, "step": step, "totals": global_totals(totals, ctx)}, ctx)

@@ -1,6 +1,7 @@
 """The pipeline on the embedded tiny model: sampling, scoring, shards, and all three scripts."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -167,6 +168,11 @@ def test_stage1_writes_teacher_shards_rollouts_and_curves(stage1):
     assert [r["epoch"] for r in epochs] == [0, 1, 2]
     assert epochs[0]["kl_to_base"] == 0.0 and epochs[-1]["kl_to_base"] > 0  # the teacher moved
     assert "heldout_accuracy" in epochs[-1]
+    # every optimizer step is logged, with the trained tokens' entropy (collapse shows up step by step)
+    steps = [r for r in records if r.get("event") == "step" and r["model"] == "teacher"]
+    per_epoch = -(-32 // int(SMALL[SMALL.index("--batch-size") + 1]))
+    assert [(r["epoch"], r["step"]) for r in steps] == [(e, k) for e in (1, 2) for k in range(1, per_epoch + 1)]
+    assert all(r["tokens"] > 0 and r["lr"] > 0 and math.isfinite(r["loss"]) and r["entropy"] > 0 for r in steps)
 
 
 def test_shards_hold_the_teachers_top_k(stage1):
