@@ -319,6 +319,17 @@ def load_sharded(args, ctx, gradient_checkpointing: bool = False):
 
     model, tokenizer = load_model(args.model, gradient_checkpointing=gradient_checkpointing, weights=False,
                                   **model_kwargs(args, ctx.device))
+    # A plain tensor attribute that aliases a buffer (transformers 4.x rotary: original_inv_freq = inv_freq)
+    # follows it after loading; any other (a cache, say) stays on meta, so such a model is refused here.
+    aliases = []
+    for module in model.modules():
+        buffers = {id(b): n for n, b in module._buffers.items() if b is not None}
+        for name, value in vars(module).items():
+            if isinstance(value, torch.Tensor):
+                if id(value) not in buffers:
+                    raise InputError(f"--fsdp: {type(module).__name__}.{name} is a tensor outside the parameters "
+                                     "and buffers, which sharded loading cannot fill; run this model without --fsdp")
+                aliases.append((module, name, buffers[id(value)]))
     source = load_model(args.model, **model_kwargs(args, "cpu"))[0] if ctx.rank == 0 else None
     shard_model(model, ctx, model.erpd_autocast, args.fsdp_shard_size)
     model.to_empty(device=ctx.device)
@@ -331,13 +342,10 @@ def load_sharded(args, ctx, gradient_checkpointing: bool = False):
             buffer.copy_(source_buffers[name])
         if ctx.world > 1:
             dist.broadcast(buffer, src=0)
+    for module, name, buffer_name in aliases:
+        setattr(module, name, module._buffers[buffer_name])
     del source, source_buffers
     gc.collect()  # the model's reference cycles: free rank 0's full copy now, not at the next collection
-    for module in model.modules():  # a plain tensor attribute (a cache, say) would still be on meta
-        for name, value in vars(module).items():
-            if isinstance(value, torch.Tensor) and value.is_meta:
-                raise InputError(f"--fsdp: {type(module).__name__}.{name} is a tensor outside the parameters and "
-                                 "buffers, which sharded loading cannot fill; run this model without --fsdp")
     return model, tokenizer
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import common
+import erpd_stage1
 from test_distributed import launch, max_weight_diff
 
 TINY = Path(common.DEFAULT_MODEL)
@@ -70,6 +71,14 @@ import common
 
 
 def main():
+    load_model = common.load_model
+
+    def load_with_alias(*args, weights=True, **kwargs):  # the meta model as transformers 4.x builds it:
+        model, tokenizer = load_model(*args, weights=weights, **kwargs)  # original_inv_freq = inv_freq
+        if not weights:
+            vars(model.model.rotary_emb)["legacy_alias"] = model.model.rotary_emb.inv_freq  # not a buffer
+        return model, tokenizer
+    common.load_model = load_with_alias
     ctx = common.init_distributed()
     if ctx.rank != 0:  # under --fsdp only rank 0 may read the weights
         def refuse(*args, **kwargs):
@@ -83,6 +92,8 @@ def main():
     assert embedding.to_local().numel() < embedding.numel()  # each rank holds a shard
     assert embedding.device_mesh.ndim == (2 if {shard_size} else 1)  # HSDP: replicate x shard
     assert model.get_output_embeddings().weight is embedding  # still tied
+    rotary = model.model.rotary_emb
+    assert rotary.legacy_alias is rotary.inv_freq and not rotary.inv_freq.is_meta  # the alias followed its buffer
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
     with common.full_weights(model):
         logits = model(input_ids=ids).logits
@@ -100,3 +111,20 @@ def test_fsdp_load_reads_weights_on_rank_0_only(qwen2, tmp_path, nproc, shard_si
     script = tmp_path / "fsdp_load.py"
     script.write_text(FSDP_LOAD.format(root=str(common.ROOT), model=str(qwen2), shard_size=shard_size))
     launch(script, nproc)
+
+
+def test_fsdp_refuses_a_model_with_a_plain_tensor_attribute(qwen2, monkeypatch):
+    """A tensor outside the parameters and buffers (not an alias of a buffer) cannot be filled by the
+    meta-device load: refused in one line, before any weights are read or a process group is made."""
+    from transformers.models.qwen2 import modeling_qwen2
+
+    rotary_init = modeling_qwen2.Qwen2RotaryEmbedding.__init__
+
+    def init_with_cache(self, *args, **kwargs):
+        rotary_init(self, *args, **kwargs)
+        self.cos_cache = torch.zeros(4)
+    monkeypatch.setattr(modeling_qwen2.Qwen2RotaryEmbedding, "__init__", init_with_cache)
+    args = erpd_stage1.parse_args(["--model", str(qwen2), "--fsdp"])
+    with pytest.raises(common.InputError, match="Qwen2RotaryEmbedding.cos_cache is a tensor outside the parameters"):
+        common.load_policy(args, common.Context(0, 0, 1, torch.device("cpu")))
+    assert not torch.distributed.is_initialized()
