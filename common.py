@@ -1559,15 +1559,17 @@ class _LMHeadLogprob(torch.autograd.Function):
 
     Forward keeps only the [N] log-sum-exp; backward recomputes each chunk's logits and returns
     the gradients for the hidden states and the LM-head weight (accumulated in float32).
+    With with_entropy, forward also returns the entropy per row (no gradient), else an empty tensor.
     The GEMMs run in one `compute_dtype` in both passes (autocast's dtype if it is on, else the
     hidden states'), with autocast off: backward runs outside autocast, and logits recomputed in
     another dtype than the forward's would not match its log-sum-exp (a biased gradient).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, temperature, compute_dtype):
+    def forward(ctx, hidden, weight, labels, temperature, compute_dtype, with_entropy):
         out = torch.empty(labels.shape[0], dtype=_upcast(hidden[:0]).dtype, device=hidden.device)
         lse = torch.empty_like(out)
+        entropy = torch.empty_like(out) if with_entropy else out[:0].clone()
         step = max(16, LM_HEAD_CHUNK_ELEMENTS // weight.shape[0])
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(compute_dtype)
@@ -1575,12 +1577,15 @@ class _LMHeadLogprob(torch.autograd.Function):
                 x = _upcast(hidden[s:s + step].to(compute_dtype) @ w.T) / temperature
                 lse[s:s + step] = torch.logsumexp(x, dim=-1)
                 out[s:s + step] = x.gather(1, labels[s:s + step, None]).squeeze(1) - lse[s:s + step]
+                if with_entropy:
+                    entropy[s:s + step] = token_entropy(x, 1.0)  # x is already divided by the temperature
         ctx.save_for_backward(hidden, weight, labels, lse)
         ctx.temperature, ctx.compute_dtype, ctx.step = temperature, compute_dtype, step
-        return out
+        ctx.mark_non_differentiable(entropy)
+        return out, entropy
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_entropy):
         hidden, weight, labels, lse = ctx.saved_tensors
         step = ctx.step
         grad_h = torch.empty_like(hidden)
@@ -1602,20 +1607,21 @@ class _LMHeadLogprob(torch.autograd.Function):
                     grad_w.addmm_(d.T, h)
                 else:
                     grad_w += (d.T @ h).to(grad_w.dtype)
-        return grad_h, grad_w.to(weight.dtype), None, None, None
+        return grad_h, grad_w.to(weight.dtype), None, None, None, None
 
 
 def lm_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                     temperature: float = 1.0) -> torch.Tensor:
+                     temperature: float = 1.0, with_entropy: bool = False):
     """token_logprobs(hidden @ weight.T, labels) without materialising the logits.
 
-    hidden [..., H], weight [V, H] (a bias-free nn.Linear LM head), labels [...] -> [...] float32.
+    hidden [..., H], weight [V, H] (a bias-free nn.Linear LM head), labels [...] -> [...] float32;
+    with_entropy: (log-probs, token_entropy of the same logits [...], no gradient).
     """
     device_type = hidden.device.type
     compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
-    flat = _LMHeadLogprob.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
-                                float(temperature), compute_dtype)
-    return flat.view(labels.shape)
+    flat, entropy = _LMHeadLogprob.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
+                                         float(temperature), compute_dtype, with_entropy)
+    return (flat.view(labels.shape), entropy.view(labels.shape)) if with_entropy else flat.view(labels.shape)
 
 
 def token_topk(logits: torch.Tensor, k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1731,8 +1737,7 @@ def response_logprobs(model, batch: dict, temperature: float, chunked_lm_head: b
 
     chunked_lm_head: run the decoder only, slice the response positions' hidden states, and
     compute log-probs and their gradient chunk by chunk (lm_head_logprobs): no [B, T, V] logits.
-    with_entropy: return (log-probs, entropy [B, T] float32 without gradient, 0 at padding); the
-    entropy is None on the chunked path, which has no logits to take it from.
+    with_entropy: return (log-probs, entropy [B, T] float32 without gradient, 0 at padding).
     """
     if not chunked_lm_head:
         logits = response_logits(model, batch)
@@ -1742,9 +1747,11 @@ def response_logprobs(model, batch: dict, temperature: float, chunked_lm_head: b
     with autocast_of(model):  # the decoder and the LM head in the model's precision, as model(...) would run
         hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                      position_ids=batch["position_ids"], use_cache=False).last_hidden_state
-        logp = lm_head_logprobs(hidden[:, -width - 1:-1], model.get_output_embeddings().weight, batch["labels"],
-                                temperature)
-    return (logp * batch["mask"], None) if with_entropy else logp * batch["mask"]
+        out = lm_head_logprobs(hidden[:, -width - 1:-1], model.get_output_embeddings().weight, batch["labels"],
+                               temperature, with_entropy)
+    if with_entropy:
+        return out[0] * batch["mask"], out[1] * batch["mask"]
+    return out * batch["mask"]
 
 
 def my_micro_batches(batch: list[int], ctx, micro_batch: int) -> list[list[int]]:
@@ -1916,7 +1923,7 @@ def train_epoch(model, optimizer, rollouts: list[dict], loss_fn, *, epoch: int, 
     Resuming: steps before `start_step` are skipped and `totals` holds their running stats;
     on_step(step, totals, metrics) runs after each optimizer step (checkpointing, the per-step log):
     metrics are the step's loss, gradient norm, token-mean entropy of the trained tokens (pitfall:
-    collapse unnoticed; not on the chunked LM-head path), token count and learning rate.
+    collapse unnoticed), token count and learning rate.
     """
     model.train()
     device = next(model.parameters()).device
@@ -1943,7 +1950,7 @@ def train_epoch(model, optimizer, rollouts: list[dict], loss_fn, *, epoch: int, 
                 continue
             loss.backward()
             step_loss = step_loss + loss.detach()
-            step_entropy = step_entropy + (entropy.sum() if entropy is not None else 0.0)
+            step_entropy = step_entropy + entropy.sum()
             for k, v in stats.items():
                 step_stats[k] = step_stats.get(k, 0) + v  # counts stay int64
         for k, v in step_stats.items():
@@ -1961,9 +1968,7 @@ def train_epoch(model, optimizer, rollouts: list[dict], loss_fn, *, epoch: int, 
         totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm.item() / len(batches)
         if on_step is not None:
             metrics = {"loss": step_loss, "grad_norm": grad_norm.item(), "tokens": counts["tokens"],
-                       "lr": optimizer.param_groups[0]["lr"]}
-            if not chunked_lm_head:
-                metrics["entropy"] = step_entropy / max(1, counts["tokens"])
+                       "lr": optimizer.param_groups[0]["lr"], "entropy": step_entropy / max(1, counts["tokens"])}
             on_step(step, totals, metrics)
     return global_totals(totals, ctx)
 

@@ -14,6 +14,10 @@ def test_lm_head_logprobs_gradcheck_and_values(monkeypatch):
     assert torch.autograd.gradcheck(lambda a, b: common.lm_head_logprobs(a, b, y, 0.7), (h, w))
     naive = torch.log_softmax((h @ w.T) / 0.7, -1).gather(-1, y[:, None]).squeeze(-1)
     torch.testing.assert_close(common.lm_head_logprobs(h, w, y, 0.7), naive, rtol=0, atol=1e-12)
+    logp, entropy = common.lm_head_logprobs(h, w, y, 0.7, with_entropy=True)  # the per-step log's entropy
+    torch.testing.assert_close(logp, naive, rtol=0, atol=1e-12)
+    torch.testing.assert_close(entropy, common.token_entropy(h @ w.T, 0.7), rtol=0, atol=1e-12)
+    assert not entropy.requires_grad and entropy.min() > 0
 
 
 def test_model_path_matches_logits_path():
@@ -26,11 +30,13 @@ def test_model_path_matches_logits_path():
     grads = []
     for chunked in (False, True):
         model.zero_grad()
-        logp = common.response_logprobs(model, batch, 0.9, chunked_lm_head=chunked)
+        logp, entropy = common.response_logprobs(model, batch, 0.9, chunked_lm_head=chunked, with_entropy=True)
         (logp * torch.linspace(-1, 1, logp.numel()).view_as(logp)).sum().backward()
-        grads.append((logp.detach(), [p.grad.clone() for p in model.parameters()]))
-    (lp_a, g_a), (lp_b, g_b) = grads
+        grads.append((logp.detach(), [p.grad.clone() for p in model.parameters()], entropy))
+    (lp_a, g_a, ent_a), (lp_b, g_b, ent_b) = grads
     torch.testing.assert_close(lp_a, lp_b, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ent_a, ent_b, rtol=0, atol=1e-5)
+    assert (ent_a[batch["mask"]] > 0).all() and (ent_a[~batch["mask"]] == 0).all()
     assert max((a - b).abs().max().item() for a, b in zip(g_a, g_b)) <= 1e-5
     assert max(a.abs().max().item() for a in g_a) > 0
 
