@@ -422,13 +422,12 @@ def sample_responses(model, prompts: list[list[int]], *, max_new_tokens: int, te
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results: list[dict | None] = [None] * len(prompts)
     # one autocast around the whole loop: its cache then keeps the weights' bf16 copies across the
-    # per-token forwards (each forward's own autocast would re-cast every weight at every token)
+    # per-token forwards (an autocast per forward would re-cast every weight at every token)
     with autocast_of(model):
         for start in progress(range(0, len(order), batch_size), enabled=show_progress, desc="sampling"):
             batch = order[start:start + batch_size]
             ids, mask, positions = left_pad([prompts[i] for i in batch], pad_id, device)
-            out = forward(model, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                          logits_to_keep=1)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
             cache = out[cache_kw] if cache_kw in out else out.past_key_values
             position = positions[:, -1]
             done = torch.zeros(len(batch), dtype=torch.bool, device=device)
@@ -442,8 +441,8 @@ def sample_responses(model, prompts: list[list[int]], *, max_new_tokens: int, te
                     break
                 position = position + 1
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                out = forward(model, input_ids=tok[:, None], attention_mask=mask, position_ids=position[:, None],
-                              use_cache=True, **{cache_kw: cache})
+                out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=position[:, None],
+                            use_cache=True, **{cache_kw: cache})
                 cache = out[cache_kw] if cache_kw in out else out.past_key_values
             generated = torch.stack(tokens, dim=1).tolist()
             for row, i in enumerate(batch):

@@ -26,17 +26,14 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 
 def worker(model_dir: str, case: str) -> None:
-    from types import SimpleNamespace
-
     import common
+    import erpd_stage1
     from measure import peak_mb, reset_peak, rss_mb
 
     ctx = common.init_distributed()
     base = rss_mb()
     reset_peak()
-    args = SimpleNamespace(model=model_dir, fsdp=True, fsdp_shard_size=0, chunked_lm_head=False,
-                           gradient_checkpointing=False, dtype="float32", autocast=None, attn_implementation="sdpa",
-                           trust_remote_code=False)
+    args = erpd_stage1.parse_args(["--model", model_dir, "--fsdp"])
     if case == "rank0-reads":
         model, _ = common.load_policy(args, ctx)
     else:  # every rank reads the whole model on CPU, then shards it

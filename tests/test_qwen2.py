@@ -64,10 +64,10 @@ def test_qwen2_fsdp_two_processes_match_one(qwen2, tmp_path):
 
 FSDP_LOAD = '''
 import sys
-from types import SimpleNamespace
 import torch, transformers
 sys.path.insert(0, {root!r})
 import common
+import erpd_stage1
 
 
 def main():
@@ -84,9 +84,7 @@ def main():
         def refuse(*args, **kwargs):
             raise AssertionError(f"rank {{ctx.rank}} read the weights")
         transformers.AutoModelForCausalLM.from_pretrained = refuse
-    args = SimpleNamespace(model={model!r}, fsdp=True, fsdp_shard_size={shard_size}, chunked_lm_head=False,
-                           gradient_checkpointing=False, dtype="float32", autocast=None, attn_implementation="sdpa",
-                           trust_remote_code=False)
+    args = erpd_stage1.parse_args(["--model", {model!r}, "--fsdp", "--fsdp-shard-size", "{shard_size}"])
     model, _ = common.load_policy(args, ctx)
     embedding = model.get_input_embeddings().weight
     assert embedding.to_local().numel() < embedding.numel()  # each rank holds a shard
