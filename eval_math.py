@@ -8,7 +8,13 @@ For each --model NAME=PATH, k samples per held-out problem at --temperature, the
     token_kl_to_ref exact KL(pi || pi_ref) over the full vocabulary, mean over response tokens
     entropy         token entropy, mean over response tokens
     mean_length     response tokens per sample;  truncated: fraction that hit --max-new-tokens
+    accuracy_ci     95% bootstrap interval of accuracy, resampling problems (fixed seed)
+    accuracy_diff_vs_ref, accuracy_diff_ci
+                    accuracy minus the --ref model's on the same problems and seed, and its paired
+                    95% bootstrap interval (the ref is evaluated too unless it is one of the --model)
 All log-probs use softmax(logits / temperature), the distribution the samples came from.
+The JSON keeps every problem's outcome per model ("outcomes": [[row index, correct of k], ...]), so runs
+evaluated on the same problems with the same seed can be compared after the fact, paired (paired_diff).
 
     python eval_math.py --model base=tiny/model --model teacher=runs/stage1/teacher \\
         --model student=runs/stage2/student --ref tiny/model --json runs/eval.json
@@ -21,12 +27,43 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
 from common import (
     add_system_args, model_kwargs,
     DEFAULT_MODEL, DEFAULT_TEST_DATA, InputError, atomic_write_text, encode_problems, init_distributed,
     load_model, load_problems, progress, run_main, sample_and_score, score_rollouts, set_seed)
 
 METRICS = ("accuracy", "pass_at_k", "kl_to_ref", "token_kl_to_ref", "entropy", "mean_length", "truncated")
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def bootstrap_ci(values: list[float], seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES,
+                 level: float = 0.95) -> list[float]:
+    """Percentile bootstrap interval of the mean of per-problem values, resampling problems.
+
+    Problems, not samples, are the unit: the k samples of one problem are correlated, so treating
+    them as independent would make the interval too narrow.
+    """
+    x = torch.tensor(values, dtype=torch.float64)
+    idx = torch.randint(len(x), (resamples, len(x)), generator=torch.Generator().manual_seed(seed))
+    means = x[idx].mean(1)
+    tail = (1 - level) / 2
+    return [means.quantile(tail).item(), means.quantile(1 - tail).item()]
+
+
+def paired_diff(outcomes_a: dict, outcomes_b: dict, seed: int = 0) -> tuple[float, list[float]]:
+    """Accuracy of a minus b on the problems both were evaluated on, and its paired 95% interval.
+
+    outcomes: {"samples": k, "outcomes": [[problem id, correct of k], ...]} as eval_math writes them.
+    """
+    a = {i: c / outcomes_a["samples"] for i, c in outcomes_a["outcomes"]}
+    b = {i: c / outcomes_b["samples"] for i, c in outcomes_b["outcomes"]}
+    shared = sorted(a.keys() & b.keys())
+    if not shared:
+        raise InputError("paired comparison: the two evaluations share no problem")
+    diffs = [a[i] - b[i] for i in shared]
+    return sum(diffs) / len(diffs), bootstrap_ci(diffs, seed)
 
 
 def parse_args(argv=None):
@@ -64,14 +101,18 @@ def evaluate(model, ref, tokenizer, problems, args, ctx) -> dict[str, float]:
     by_prompt: dict[int, list[float]] = {}
     for r in rollouts:
         by_prompt.setdefault(r["prompt_index"], []).append(r["reward"])
+    per_problem = [sum(v) / len(v) for v in by_prompt.values()]
     return {
         "accuracy": sum(r["reward"] for r in rollouts) / len(rollouts),
+        "accuracy_ci": bootstrap_ci(per_problem, args.seed),
         "pass_at_k": sum(max(v) for v in by_prompt.values()) / len(by_prompt),
         "kl_to_ref": sum((s["logp"] - s["ref_logp"]).sum().item() for s in scores) / len(scores),
         "token_kl_to_ref": sum(s["kl"].sum().item() for s in scores) / n_tokens,
         "entropy": sum(s["entropy"].sum().item() for s in scores) / n_tokens,
         "mean_length": sum(len(r["response_ids"]) for r in rollouts) / len(rollouts),
         "truncated": sum(r["truncated"] for r in rollouts) / len(rollouts),
+        "samples": args.samples,
+        "outcomes": [[i, int(sum(v))] for i, v in sorted(by_prompt.items())],
     }
 
 
@@ -88,6 +129,10 @@ def main(argv=None):
     ref.requires_grad_(False).eval()
     problems = load_problems(args.data, args.split, num=args.num_prompts, seed=args.seed)
     problems = encode_problems(ref_tokenizer, problems, args.max_prompt_len, args.data, args.system_prompt)
+    ref_name = next((n for n, path in names if same_model(path, args.ref)), None)
+    if ref_name is None:  # the paired differences need the ref's outcomes on the same problems
+        ref_name = "ref"
+        names.append(["ref", args.ref])
     results = {}
     for name, path in progress(names, enabled=ctx.is_main, desc="models"):
         model, tokenizer = load_model(path, **load)
@@ -95,16 +140,34 @@ def main(argv=None):
             raise InputError(f"--model {name}={path}: its tokenizer differs from --ref's; KL needs the same vocabulary")
         results[name] = evaluate(model, ref, tokenizer, problems, args, ctx)
         del model
+    for r in results.values():
+        r["accuracy_diff_vs_ref"], r["accuracy_diff_ci"] = paired_diff(r, results[ref_name], args.seed)
     if ctx.is_main:
-        width = max(len(n) for n in results) + 2
-        print(f"\n{len(problems)} problems x {args.samples} samples, temperature {args.temperature}, "
-              f"KL against {args.ref}")
-        print("model".ljust(width) + "".join(m.rjust(16) for m in METRICS))
-        for name, r in results.items():
-            print(name.ljust(width) + "".join(f"{r[m]:16.4f}" for m in METRICS))
+        print_table(results, ref_name, args, len(problems))
         if args.json:
             atomic_write_text(Path(args.json), json.dumps(
                 {"models": results, "config": {**vars(args), "num_problems": len(problems)}}, indent=1))
+
+
+def same_model(a: str, b: str) -> bool:
+    """The same local folder (however written) or the same hub id."""
+    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
+
+
+def print_table(results: dict, ref_name: str, args, num_problems: int) -> None:
+    k = args.samples
+    columns = [("accuracy [95% CI]", lambda r: f"{r['accuracy']:.3f} [{r['accuracy_ci'][0]:.3f}, {r['accuracy_ci'][1]:.3f}]"),
+               (f"vs {ref_name} [95% CI]", lambda r: f"{r['accuracy_diff_vs_ref']:+.3f} "
+                                                     f"[{r['accuracy_diff_ci'][0]:+.3f}, {r['accuracy_diff_ci'][1]:+.3f}]"),
+               (f"pass@{k}", lambda r: f"{r['pass_at_k']:.3f}")]
+    columns += [(m, (lambda m: lambda r: f"{r[m]:.4f}")(m)) for m in METRICS[2:]]
+    cells = [[fmt(r) for _, fmt in columns] for r in results.values()]
+    widths = [max(len(h), *(len(row[j]) for row in cells)) + 2 for j, (h, _) in enumerate(columns)]
+    name_width = max(len(n) for n in results) + 2
+    print(f"\n{num_problems} problems x {k} samples, temperature {args.temperature}, KL against {args.ref}")
+    print("model".ljust(name_width) + "".join(h.rjust(w) for (h, _), w in zip(columns, widths)))
+    for name, row in zip(results, cells):
+        print(name.ljust(name_width) + "".join(c.rjust(w) for c, w in zip(row, widths)))
 
 
 if __name__ == "__main__":
