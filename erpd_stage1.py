@@ -1,5 +1,7 @@
 """ERPD stage 1: extract an "extreme region" teacher pi_T from a fixed set of rollouts.
 
+ERPD, Extreme Region Policy Distillation (Chen, Wang, Yan, 2026, https://arxiv.org/abs/2605.25582).
+
     D = {(x, y_1..y_G)}: G samples per prompt from the base pi_0, rewards r in {0, 1} (verifier),
     group advantage A = r - mean_G(r)                                    (optionally / std)
     rho_t = pi_theta(y_t | s_t) / pi_0(y_t | s_t),  log rho clamped to [-20, 20]
@@ -8,14 +10,19 @@
                    sapo  -(4 / tau) sigmoid(tau (rho - 1)) A,  tau = 1 (A > 0), 1.05 (A < 0)
                    ce    -A log pi_theta(y_t | s_t)
                    mse   (beta sum_t log rho_t - A)^2                           per sequence
-    loss = sum over the global batch's tokens / its token count (mse: over sequences)
-           + kl_coef * KL(pi_theta || pi_0)   (value k3, gradient k2: unbiased)
+    loss = the global batch's mean over tokens (--aggregation)
+           + kl_coef * (rho log rho - rho + 1)      an unbiased KL(pi_theta || pi_0) on pi_0's tokens
 
-Many epochs (default 20) over the same D with a weak constraint: fast early gains, then drift
-and entropy collapse: the curves in metrics.jsonl. `--unlearn` also trains pi_U from pi_0 on -A.
-Writes OUT/rollouts/ (D, reusable with --rollouts), OUT/teacher/ (save_pretrained),
-OUT/shards/ (per rank: token ids, rewards, advantages, log pi_0, log pi_T [, log pi_U] of every
-sampled token [, the teacher's top-k ids and log-probs] + manifest.json) and OUT/metrics.jsonl.
+Many epochs (default 12) over the same D with a weak constraint: fast early gains, then drift and
+entropy collapse, visible in metrics.jsonl. `--unlearn` also trains pi_U from pi_0 on -A. The teacher's
+log-probs of D's tokens, next to pi_0's, are the shards stage 2 distils.
+
+What it leaves out, on purpose: a learning-rate schedule (constant lr), an inference engine for sampling
+(the model's own KV-cache loop), an experiment tracker (metrics are JSON lines), reward models (the
+verifier is the reward), and dynamic sampling or filtering of D (D is fixed once sampled).
+
+Writes OUT/rollouts/ (D, reusable with --rollouts), OUT/teacher/ (save_pretrained), OUT/shards/
+(safetensors per rank + manifest.json), OUT/checkpoint-teacher/ and OUT/metrics.jsonl.
 
     python erpd_stage1.py                                  # embedded tiny default, CPU, ~2 min
     torchrun --nproc_per_node 8 erpd_stage1.py --model Qwen/Qwen2.5-Math-1.5B-Instruct \\
@@ -31,124 +38,69 @@ from pathlib import Path
 import torch
 
 from common import (
-    add_system_args, load_policy, load_reference,
-    DEFAULT_MODEL, DEFAULT_TEST_DATA, DEFAULT_TRAIN_DATA, InputError, JsonlLogger, all_gather_objects,
-    atomic_write_text, ce_loss, encode_problems, group_advantages, init_distributed, kl_penalty,
-    load_problems, model_fingerprint, drift_metrics, heldout_accuracy, intact_shard, mse_loss, my_micro_batches, global_batches, pad_rows,
-    ppo_clip_loss, rollout_health, rollouts_to_shard, run_main, sample_and_score, sapo_loss,
-    score_rollouts, set_seed, tokenizer_fingerprint, train_epochs, warn_if_no_signal, write_shard,
-    save_pretrained_atomic, SHARD_FORMAT_VERSION, log_ratio)
+    DEFAULT_MODEL, DEFAULT_TRAIN_DATA, InputError, POLICY_LOSSES, add_diagnostic_args, add_prompt_args,
+    add_system_args, add_training_args, aggregate, atomic_write_text, check_lineage, checkpoint_finished,
+    drift_diagnostics, encode_problems, epoch0_layout, fingerprints, finish_output, group_advantages, kl_penalty,
+    lineage, load_policy, load_problems, load_reference, log_ratio, pad_rows, prompt_format,
+    recorded_prompt_format, rollout_health, run_main, sample_and_score, save_pretrained_atomic, score_logprobs,
+    shards_to_keep, start_run, train_epochs, training_options, use_chunked_lm_head, warn_if_no_signal,
+    write_teacher_shards)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # model and data
     p.add_argument("--model", default=DEFAULT_MODEL, help="HF folder or hub id of the base pi_0")
-    p.add_argument("--data", default=DEFAULT_TRAIN_DATA, help="jsonl / parquet / hub id[:config]")
-    p.add_argument("--split", default="train", help="dataset split (hub / folder datasets)")
-    p.add_argument("--eval-data", default=DEFAULT_TEST_DATA, help="held-out problems for accuracy curves")
-    p.add_argument("--eval-split", default="test", help="split of --eval-data")
-    p.add_argument("--rollouts", default=None, help="reuse D from a previous stage-1 OUT (or OUT/rollouts)")
     p.add_argument("--out", default="runs/stage1", help="output folder (rollouts, teacher, shards, metrics)")
-    p.add_argument("--system-prompt", default=None, help="system message for chat templates")
-    p.add_argument("--max-prompt-len", type=int, default=1024, help="longer prompts are skipped or fatal")
-    p.add_argument("--long-prompts", choices=["skip", "error"], default="skip", help="what to do with prompts over --max-prompt-len")
-    # sampling D
-    p.add_argument("--num-prompts", type=int, default=256, help="N: prompts in D (seeded subset)")
-    p.add_argument("--samples-per-prompt", type=int, default=8, help="G: rollouts per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="response length limit")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling and scoring temperature")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
-    p.add_argument("--sample-batch-size", type=int, default=128, help="sequences per sampling batch")
-    # teacher optimisation
-    p.add_argument("--teacher-loss", choices=["ppo", "sapo", "ce", "mse"], default="sapo")
-    p.add_argument("--epochs", type=int, default=12, help="passes over D")
-    p.add_argument("--batch-size", type=int, default=256, help="rollouts per optimizer step (global)")
-    p.add_argument("--micro-batch", type=int, default=64, help="rollouts per forward (per rank)")
-    p.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate (real models: ~1e-6)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
-    p.add_argument("--adv-std-norm", action="store_true", help="A = (r - mean) / (std + 1e-6)")
-    p.add_argument("--eps-low", type=float, default=0.2, help="ppo: lower clip")
-    p.add_argument("--eps-high", type=float, default=10.0, help="ppo: upper clip (10: weakly constrained)")
-    p.add_argument("--sapo-tau-pos", type=float, default=1.0, help="sapo: gate temperature where A > 0")
-    p.add_argument("--sapo-tau-neg", type=float, default=1.05, help="sapo: gate temperature where A < 0")
-    p.add_argument("--mse-beta", type=float, default=0.1, help="mse: beta in (beta sum log rho - A)^2")
-    p.add_argument("--kl-coef", type=float, default=0.0, help="weight of KL(pi_theta || pi_0)")
-    p.add_argument("--unlearn", action="store_true", help="also train pi_U from pi_0 on -A")
-    p.add_argument("--teacher-topk", type=int, default=0,
-                   help="also write the teacher's k most likely tokens and log-probs per position (0: off)")
-    # diagnostics
-    p.add_argument("--eval-every", type=int, default=4, help="held-out accuracy every k epochs (0: off)")
-    p.add_argument("--eval-prompts", type=int, default=200, help="held-out problems per accuracy point")
-    p.add_argument("--eval-samples", type=int, default=4, help="samples per held-out problem")
-    p.add_argument("--kl-rollouts", type=int, default=256, help="rollouts of D for the exact-KL curve")
-    # system
-    add_system_args(p, training=True)
+    method = p.add_argument_group("method: the teacher's loss and constraint")
+    method.add_argument("--teacher-loss", choices=sorted(POLICY_LOSSES), default="sapo")
+    method.add_argument("--adv-std-norm", action="store_true", help="A = (r - mean) / (std + 1e-6)")
+    method.add_argument("--eps-low", type=float, default=0.2, help="ppo: lower clip")
+    method.add_argument("--eps-high", type=float, default=10.0, help="ppo: upper clip (10: weakly constrained)")
+    method.add_argument("--sapo-tau-pos", type=float, default=1.0, help="sapo: gate temperature where A > 0")
+    method.add_argument("--sapo-tau-neg", type=float, default=1.05, help="sapo: gate temperature where A < 0")
+    method.add_argument("--mse-beta", type=float, default=0.1, help="mse: beta in (beta sum log rho - A)^2")
+    method.add_argument("--kl-coef", type=float, default=0.0, help="weight of KL(pi_theta || pi_0)")
+    method.add_argument("--unlearn", action="store_true", help="also train pi_U from pi_0 on -A")
+    method.add_argument("--snapshot-every", type=int, default=0,
+                        help="also save the teacher after every k-th epoch as OUT/teacher-epoch<k> (0: off)")
+    add_training_args(method, epochs=12, lr=5e-5)
+    data = p.add_argument_group("data and sampling D")
+    data.add_argument("--data", default=DEFAULT_TRAIN_DATA, help="jsonl / parquet / hub id[:config]")
+    data.add_argument("--split", default="train", help="dataset split (hub / folder datasets)")
+    data.add_argument("--rollouts", default=None, help="reuse D from a previous stage-1 OUT (or OUT/rollouts)")
+    data.add_argument("--num-prompts", type=int, default=256, help="N: prompts in D (seeded subset)")
+    data.add_argument("--data-seed", type=int, default=None,
+                      help="seed of D's prompt subset (default: --seed); rounds draw fresh prompts with their own")
+    data.add_argument("--samples-per-prompt", type=int, default=8, help="G: rollouts per prompt")
+    data.add_argument("--max-new-tokens", type=int, default=64, help="response length limit")
+    data.add_argument("--temperature", type=float, default=1.0, help="sampling and scoring temperature")
+    data.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
+    data.add_argument("--sample-batch-size", type=int, default=128, help="sequences per sampling batch")
+    add_prompt_args(data)
+    data.add_argument("--max-prompt-len", type=int, default=1024, help="longer prompts are skipped or fatal")
+    data.add_argument("--long-prompts", choices=["skip", "error"], default="skip",
+                      help="what to do with prompts over --max-prompt-len")
+    add_diagnostic_args(p.add_argument_group("diagnostics"), eval_every=4)
+    add_system_args(p.add_argument_group("system: precision, parallelism, resume"), training=True)
     return p.parse_args(argv)
-
-
-def teacher_loss_fn(args, rollouts, base_logp, sign):
-    """The chosen stage-1 loss on a micro-batch, normalised by the global batch's counts."""
-    def loss_fn(indices, packed, logp, counts):
-        mask = packed["mask"]
-        old = pad_rows([base_logp[i] for i in indices], logp.device)
-        seq_adv = torch.tensor([sign * rollouts[i]["advantage"] for i in indices], device=logp.device)
-        adv = seq_adv[:, None].expand_as(logp)
-        clipped = torch.zeros_like(mask)
-        if args.teacher_loss == "mse":
-            loss = mse_loss(logp, old, mask, seq_adv, args.mse_beta).sum() / counts["seqs"]
-        else:
-            if args.teacher_loss == "ppo":
-                per_token, clipped = ppo_clip_loss(logp, old, adv, args.eps_low, args.eps_high)
-            elif args.teacher_loss == "sapo":
-                per_token = sapo_loss(logp, old, adv, args.sapo_tau_pos, args.sapo_tau_neg)
-            else:
-                per_token = ce_loss(logp, adv)
-            loss = (per_token * mask).sum() / counts["tokens"]
-        if args.kl_coef:
-            loss = loss + args.kl_coef * (kl_penalty(logp, old) * mask).sum() / counts["tokens"]
-        lr = log_ratio(logp.detach(), old) * mask
-        return loss, {"tokens": mask.sum(), "clipped": (clipped & mask).sum(),
-                      "abs_log_ratio": lr.abs().sum()}
-    return loss_fn
 
 
 def main(argv=None):
     args = parse_args(argv)
-    ctx = init_distributed(args.dist_timeout_minutes)
-    set_seed(args.seed)
-    out = Path(args.out)
-    log = JsonlLogger(out / "metrics.jsonl", enabled=ctx.is_main, append=args.resume)
-    log.log(event="config", world_size=ctx.world, **vars(args))
+    if args.temperature <= 0:
+        raise InputError(f"--temperature {args.temperature}: D must be sampled (> 0); greedy responses are "
+                         "identical within a group, so every advantage would be 0")
+    ctx, log, out = start_run(args)
+    check_lineage(args.model)
     model, tokenizer = load_policy(args, ctx)
-    base = load_reference(args, ctx) if args.kl_rollouts else None  # frozen pi_0 for the exact-KL curves on D
-    fingerprints = {"base_fingerprint": model_fingerprint(model), "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)}
-    vocab = model.get_output_embeddings().weight.shape[0]
-    if not 0 <= args.teacher_topk <= vocab:
-        raise InputError(f"--teacher-topk {args.teacher_topk}: expected 0 to the vocabulary size {vocab}")
-    temperature = args.temperature if args.temperature > 0 else 1.0
-    pad_id = tokenizer.pad_token_id
+    chunked = use_chunked_lm_head(args, model)
+    base = load_reference(args, ctx)  # frozen pi_0 for the exact-KL curves (None with --kl-rollouts 0)
+    ids = fingerprints(model, tokenizer)
+    pad_id, temperature = tokenizer.pad_token_id, args.temperature
+    score = dict(ctx=ctx, pad_id=pad_id, temperature=temperature, chunked_lm_head=chunked)
 
-    # ---- 1. the fixed data D: sample from pi_0 (or reuse), score, group advantages --------------
-    if args.resume and (out / "rollouts" / "meta.json").is_file():
-        args.rollouts = str(out / "rollouts")  # D was sampled before the interruption
-    if args.rollouts:
-        rollouts, group_size = read_rollouts(args.rollouts, fingerprints)
-    else:
-        problems = load_problems(args.data, args.split, num=args.num_prompts, seed=args.seed)
-        problems = encode_problems(tokenizer, problems, args.max_prompt_len, args.data,
-                                   args.system_prompt, args.long_prompts)
-        rollouts = sample_and_score(model, tokenizer, problems, args.samples_per_prompt, ctx=ctx,
-                                    seed=args.seed, max_new_tokens=args.max_new_tokens,
-                                    temperature=args.temperature, top_p=args.top_p,
-                                    batch_size=args.sample_batch_size, desc="sampling D")
-        group_size = args.samples_per_prompt
-        answers = {p["index"]: p for p in problems}
-        if ctx.is_main:
-            write_rollouts(out / "rollouts", rollouts, answers, fingerprints, args)
-        if ctx.world > 1:
-            torch.distributed.barrier()
+    # ---- 1. the fixed data D: G samples per prompt from pi_0 (or reused), rewards, group advantages ----
+    rollouts, group_size, prompt = sample_d(args, ctx, out, model, tokenizer, ids)
     rewards = torch.tensor([r["reward"] for r in rollouts]).view(-1, group_size)
     for r, a in zip(rollouts, group_advantages(rewards, args.adv_std_norm).view(-1).tolist()):
         r["advantage"] = a
@@ -157,96 +109,114 @@ def main(argv=None):
         warn_if_no_signal(health, "stage-1 rollouts")
         print(f"D: {len(rollouts)} rollouts, accuracy {health['accuracy']:.3f}, "
               f"groups with signal {health['groups_with_signal']:.2f}, truncated {health['truncated']:.2f}")
-    log.log(event="rollouts", num_rollouts=len(rollouts), **health)
+    log.log(event="rollouts", num_rollouts=len(rollouts), num_prompts=len(rollouts) // group_size,
+            samples_per_prompt=group_size, **health)
 
-    # ---- 2. log pi_0 of every sampled token, with the training forward in epoch 0's layout -----
-    layout = [mb for b in global_batches(len(rollouts), args.batch_size, args.seed, 0)
-              for mb in my_micro_batches(b, ctx, args.micro_batch)]
-    base_logp = [s["logp"] for s in score_rollouts(model, rollouts, layout, pad_id=pad_id, temperature=temperature,
-                                                   ctx=ctx, chunked_lm_head=args.chunked_lm_head, desc="log pi_0")]
-    eval_problems = None
-    if args.eval_every:
-        eval_problems = encode_problems(tokenizer, load_problems(args.eval_data, args.eval_split,
-                                                                 num=args.eval_prompts, seed=args.seed),
-                                        args.max_prompt_len, args.eval_data, args.system_prompt)
-    kl_subset = torch.randperm(len(rollouts), generator=torch.Generator().manual_seed(args.seed))
-    kl_subset = kl_subset[:args.kl_rollouts].tolist()
+    # ---- 2. log pi_0 of every sampled token, with the training forward in epoch 0's layout -----------
+    layout = epoch0_layout(len(rollouts), args, ctx)
+    signals = {"logp_base": score_logprobs(model, rollouts, layout, desc="log pi_0", **score)}
+    diagnostics = drift_diagnostics(args, ctx, tokenizer, rollouts, base, temperature=temperature, top_p=args.top_p,
+                                    prompt=prompt, base_logp=signals["logp_base"])
+    tags = ["teacher", "unlearned"] if args.unlearn else ["teacher"]
+    keep_shards = shards_to_keep(out / "shards", args.resume and all(
+        checkpoint_finished(out / f"checkpoint-{tag}", args.epochs) for tag in tags), ctx)
 
-    def diagnostics(policy, epoch):
-        """Exact token KL(policy || pi_0) and entropy on D's states; held-out accuracy every k epochs."""
-        metrics = drift_metrics(policy, rollouts, kl_subset, ctx=ctx, pad_id=pad_id, temperature=temperature,
-                                micro_batch=args.micro_batch, ref_model=base)
-        if eval_problems and (epoch % args.eval_every == 0 or epoch == args.epochs):
-            metrics["heldout_accuracy"] = heldout_accuracy(
-                policy, tokenizer, eval_problems, args.eval_samples, ctx=ctx, seed=args.seed + 1,
-                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                batch_size=args.sample_batch_size)
-        return metrics
+    # ---- 3. many epochs of weakly constrained off-policy optimisation on D: pi_T (and pi_U on -A) ----
+    for tag, sign in zip(tags, (+1.0, -1.0)):
+        if tag == "unlearned":  # pi_U starts from pi_0 again
+            del model
+            gc.collect()  # FSDP's hooks hold the teacher's shards in reference cycles
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            model, _ = load_policy(args, ctx)
+        record = {"stage": 1, **ids, "base_model": args.model, "prompt_format": prompt,
+                  "lineage": lineage(args.model, ids["base_fingerprint"])}
 
-    # ---- 3. many epochs of weakly constrained off-policy optimisation on D ---------------------
-    def train(policy, sign, tag):
-        def summarize(stats):
-            return {"clip_fraction": stats["clipped"] / stats["tokens"],
-                    "mean_abs_log_ratio": stats["abs_log_ratio"] / stats["tokens"]}
-        train_epochs(policy, rollouts, teacher_loss_fn(args, rollouts, base_logp, sign), args=args, ctx=ctx,
-                     pad_id=pad_id, temperature=temperature, checkpoint=out / f"checkpoint-{tag}", log=log,
-                     diagnostics=diagnostics, summarize=summarize, tag=tag)
-
-    # a resumed run keeps the shards a previous run finished (sha256 checked) if every rank has its own
-    # and no training is left to do (else they hold a teacher this run is about to change)
-    def trained_to_the_end(tag):
-        state = out / f"checkpoint-{tag}" / "state.json"
-        return state.is_file() and json.loads(state.read_text())["epoch"] > args.epochs
-    shard_name = f"rank{ctx.rank:05d}-of-{ctx.world:05d}.safetensors"
-    finished = args.resume and all(trained_to_the_end(t) for t in ["teacher"] + (["unlearned"] if args.unlearn else []))
-    keep_shards = all(all_gather_objects(bool(finished and intact_shard(out / "shards" / shard_name)), ctx))
-    signal_names = (["logp_base", "logp_teacher"] + (["logp_unlearned"] if args.unlearn else [])
-                    + (["topk_logp_teacher", "topk_ids_teacher"] if args.teacher_topk else []))
-    signals = {"logp_base": base_logp}
-
-    def score(policy, name, top_k=0):
+        def snapshot(policy, epoch, tag=tag, record=record):  # the curve's models: its best epoch can be evaluated
+            if args.snapshot_every and epoch % args.snapshot_every == 0:
+                save_pretrained_atomic(policy, tokenizer, out / f"{tag}-epoch{epoch}", ctx, {**record, "epoch": epoch})
+        train_epochs(model, rollouts, teacher_loss(args, rollouts, signals["logp_base"], sign), ctx=ctx, log=log,
+                     tag=tag, checkpoint=out / f"checkpoint-{tag}", diagnostics=diagnostics, summarize=summarize,
+                     on_epoch=snapshot, pad_id=pad_id, temperature=temperature, **training_options(args, chunked))
         if not keep_shards:
-            scores = score_rollouts(policy, rollouts, layout, pad_id=pad_id, temperature=temperature, ctx=ctx,
-                                    chunked_lm_head=args.chunked_lm_head, top_k=top_k, desc=name)
-            signals[name] = [s["logp"] for s in scores]
-            if top_k:
-                signals["topk_logp_teacher"] = [s["topk_logp"] for s in scores]
-                signals["topk_ids_teacher"] = [s["topk_ids"] for s in scores]
+            signals[f"logp_{tag}"] = score_logprobs(model, rollouts, layout, desc=f"log pi of the {tag}", **score)
+        save_pretrained_atomic(model, tokenizer, out / tag, ctx, record)
 
-    train(model, +1.0, "teacher")
-    score(model, "logp_teacher", args.teacher_topk)
-    save_pretrained_atomic(model, tokenizer, out / "teacher", ctx, {"stage": 1, **fingerprints})
-    if args.unlearn:
-        del model
-        gc.collect()  # FSDP's hooks hold the teacher's shards in reference cycles
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        unlearned, _ = load_policy(args, ctx)
-        train(unlearned, -1.0, "unlearned")
-        score(unlearned, "logp_unlearned")
-        save_pretrained_atomic(unlearned, tokenizer, out / "unlearned", ctx, {"stage": 1, **fingerprints})
-
-    # ---- 4. shards: this rank writes rollouts[rank::world]; rank 0 writes the manifest ----------
-    mine = list(range(ctx.rank, len(rollouts), ctx.world))
+    # ---- 4. the shards stage 2 reads ------------------------------------------------------------------
     if keep_shards:
-        digest = intact_shard(out / "shards" / shard_name)
         if ctx.is_main:
             print(f"kept the finished shards in {out}/shards")
     else:
-        tensors = rollouts_to_shard([rollouts[i] for i in mine], {k: [signals[k][i] for i in mine] for k in signal_names})
-        digest = write_shard(out / "shards" / shard_name, tensors)
-    entries = all_gather_objects({"file": shard_name, "rows": len(mine), "sha256": digest}, ctx)
-    if ctx.is_main:
-        manifest = {"format_version": SHARD_FORMAT_VERSION, **fingerprints, "base_model": args.model,
-                    "temperature": temperature, "samples_per_prompt": group_size, "teacher_topk": args.teacher_topk,
-                    "num_rows": len(rollouts), "signals": signal_names, "shards": entries,
-                    "config": vars(args), "world_size": ctx.world}
-        atomic_write_text(out / "shards" / "manifest.json", json.dumps(manifest, indent=1))
-        print(f"wrote {out}/teacher and {len(entries)} shard(s) with {len(rollouts)} rollouts to {out}/shards")
+        write_teacher_shards(out / "shards", rollouts, signals, {
+            **ids, "base_model": args.model, "temperature": temperature, "top_p": args.top_p,
+            "prompt_format": prompt, "num_prompts": len(rollouts) // group_size, "samples_per_prompt": group_size,
+            "config": vars(args), "world_size": ctx.world}, ctx)
+        if ctx.is_main:
+            print(f"wrote {args.out}/teacher and the shards of {len(rollouts)} rollouts to {args.out}/shards")
     log.log(event="done")
+    finish_output(Path(args.out), out, ctx)
 
 
-def write_rollouts(directory: Path, rollouts, problems, fingerprints, args):
+def teacher_loss(args, rollouts, base_logp, sign: float):
+    """--teacher-loss (+ --kl-coef) on a micro-batch, aggregated against the global batch's counts.
+    sign -1 turns A into -A: the unlearned reference pi_U."""
+    policy_loss = POLICY_LOSSES[args.teacher_loss]
+
+    def loss_fn(indices, packed, logp, counts):
+        mask = packed["mask"]
+        old = pad_rows([base_logp[i] for i in indices], logp.device)
+        seq_adv = torch.tensor([sign * rollouts[i]["advantage"] for i in indices], device=logp.device)
+        terms = {"logp": logp, "old_logp": old, "adv": seq_adv[:, None].expand_as(logp), "seq_adv": seq_adv,
+                 "mask": mask}
+        values, clipped = policy_loss(terms, args)
+        loss = aggregate(values, mask, counts, args.aggregation)
+        if args.kl_coef:
+            loss = loss + args.kl_coef * aggregate(kl_penalty(logp, old), mask, counts, args.aggregation)
+        stats = {"tokens": mask.sum(), "abs_log_ratio": (log_ratio(logp.detach(), old) * mask).abs().sum()}
+        if clipped is not None:
+            stats["clipped"] = (clipped & mask).sum()
+        return loss, stats
+    return loss_fn
+
+
+def summarize(stats):
+    """Per-epoch stats: the mean |log rho| of the trained tokens, and for ppo the fraction clipped."""
+    metrics = {"mean_abs_log_ratio": stats["abs_log_ratio"] / stats["tokens"]}
+    if "clipped" in stats:
+        metrics["clip_fraction"] = stats["clipped"] / stats["tokens"]
+    return metrics
+
+
+def sample_d(args, ctx, out: Path, model, tokenizer, ids):
+    """(rollouts, G, prompt format): D sampled from pi_0 and written to OUT/rollouts, or read back
+    (--rollouts, or --resume after D was written)."""
+    saved = out / "rollouts"
+    source = str(saved) if args.resume and (saved / "meta.json").is_file() else args.rollouts
+    if source:  # D was sampled before: by an interrupted run of this OUT, or by another run
+        rollouts, meta = read_rollouts(source, ids)
+        if "prompt_format" not in meta:
+            raise InputError(f"--rollouts {source}: meta.json records no prompt format (an older version wrote "
+                             "it); sample D again")
+        prompt = prompt_format(tokenizer, args.system_prompt, args.instruction,
+                               bound=(meta["prompt_format"], f"{source}/meta.json"))
+        return rollouts, meta["samples_per_prompt"], prompt
+    prompt = prompt_format(tokenizer, args.system_prompt, args.instruction, default=recorded_prompt_format(args.model))
+    data_seed = args.seed if args.data_seed is None else args.data_seed
+    problems = load_problems(args.data, args.split, num=args.num_prompts, seed=data_seed)
+    problems = encode_problems(tokenizer, problems, args.max_prompt_len, args.data, prompt, args.long_prompts)
+    rollouts = sample_and_score(model, tokenizer, problems, args.samples_per_prompt, ctx=ctx, seed=args.seed,
+                                max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_p=args.top_p, batch_size=args.sample_batch_size, desc="sampling D")
+    if ctx.is_main:
+        write_rollouts(saved, rollouts, {p["index"]: p for p in problems}, {
+            **ids, "samples_per_prompt": args.samples_per_prompt, "num_rows": len(rollouts), "prompt_format": prompt,
+            "temperature": args.temperature, "top_p": args.top_p, "data": args.data, "model": args.model})
+    if ctx.world > 1:
+        torch.distributed.barrier()
+    return rollouts, args.samples_per_prompt, prompt
+
+
+def write_rollouts(directory: Path, rollouts, problems, meta: dict):
     """D as JSON lines (token ids, text, reward) plus meta.json: reusable with --rollouts."""
     lines = [json.dumps({"prompt_index": r["prompt_index"], "sample_index": r["sample_index"],
                          "prompt": problems[r["prompt_index"]]["prompt"],
@@ -255,13 +225,11 @@ def write_rollouts(directory: Path, rollouts, problems, fingerprints, args):
                          "prompt_ids": r["prompt_ids"], "response_ids": r["response_ids"]})
              for r in rollouts]
     atomic_write_text(directory / "rollouts.jsonl", "\n".join(lines) + "\n")
-    meta = {**fingerprints, "samples_per_prompt": args.samples_per_prompt, "num_rows": len(rollouts),
-            "temperature": args.temperature, "data": args.data, "model": args.model}
     atomic_write_text(directory / "meta.json", json.dumps(meta, indent=1))
 
 
-def read_rollouts(source: str, fingerprints: dict):
-    """Read D written by write_rollouts; refuse it if it came from another base or tokenizer."""
+def read_rollouts(source: str, ids: dict):
+    """(rollouts, meta) of D written by write_rollouts; refused if it came from another base or tokenizer."""
     directory = Path(source)
     if (directory / "rollouts").is_dir():
         directory = directory / "rollouts"
@@ -270,8 +238,8 @@ def read_rollouts(source: str, fingerprints: dict):
         raise InputError(f"--rollouts {source}: expected meta.json and rollouts.jsonl in {directory}")
     meta = json.loads(meta_path.read_text())
     for key in ("base_fingerprint", "tokenizer_fingerprint"):
-        if meta.get(key) != fingerprints[key]:
-            raise InputError(f"{meta_path}: {key} {meta.get(key)} does not match --model ({fingerprints[key]}): "
+        if meta.get(key) != ids[key]:
+            raise InputError(f"{meta_path}: {key} {meta.get(key)} does not match --model ({ids[key]}): "
                              "these rollouts were sampled from another model")
     rollouts = []
     with open(data_path, encoding="utf-8") as f:
@@ -287,7 +255,7 @@ def read_rollouts(source: str, fingerprints: dict):
         raise InputError(f"{data_path}: {len(rollouts)} rows, meta.json says {meta['num_rows']} "
                          f"in groups of {group}")
     rollouts.sort(key=lambda r: (r["prompt_index"], r["sample_index"]))
-    return rollouts, group
+    return rollouts, meta
 
 
 if __name__ == "__main__":

@@ -36,13 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
+import erpd_stage2  # noqa: E402
+
 from bench_train_step import build_model, build_rollouts, sizes  # noqa: E402
 from measure import extra_peak, rss_mb, run_memory_case  # noqa: E402
 
 CASES = ("alone", "alone-full", "stage2", "stage2+ref", "stage2-chunk")
 D_SIZE = 1024
 TEMPERATURE = 1.0
-EPS, CLIP_C, ALPHA = 0.2, 2.0, 0.0  # erpd_stage2's defaults
 
 
 def setup(name: str, quick: bool):
@@ -87,18 +88,7 @@ def setup(name: str, quick: bool):
     ctx = common.Context(0, 0, 1, torch.device("cpu"))
     ctx.is_main = False
 
-    def loss_fn(indices, packed, logp, counts):  # erpd_stage2.main's loss_fn, kl_coef = 0
-        m = packed["mask"]
-        old = common.pad_rows([base_logp[i] for i in indices], logp.device)
-        d = common.pad_rows([delta[i] for i in indices], logp.device)
-        seq_adv = torch.tensor([rollouts[i]["advantage"] for i in indices], device=logp.device)
-        adv = common.distill_token_advantages(d, CLIP_C, ALPHA, seq_adv)
-        per_token, clipped = common.ppo_clip_loss(logp, old, adv, EPS, EPS)
-        loss = (per_token * m).sum() / counts["tokens"]
-        moved = common.log_ratio(logp.detach(), old)
-        agree = (torch.sign(moved) == torch.sign(d)) & (moved != 0) & m
-        return loss, {"tokens": m.sum(), "clipped": (clipped & m).sum(), "agree": agree.sum(),
-                      "moved": ((moved != 0) & m).sum()}
+    loss_fn = erpd_stage2.distill_loss(erpd_stage2.parse_args([]), rollouts, base_logp, delta)  # its defaults
 
     def step():
         common.train_epoch(model, optimizer, rollouts, loss_fn, epoch=0, ctx=ctx, pad_id=0, temperature=TEMPERATURE,

@@ -81,7 +81,7 @@ def setup(quick: bool):
         base = common.response_logprobs(model, packed, TEMPERATURE)
     base_logp = [base[i, :len(r["response_ids"])].clone() for i, r in enumerate(rollouts)]
     args = erpd_stage1.parse_args([])  # stage 1's defaults: SAPO, tau 1.0 / 1.05, no KL term
-    loss_fn = erpd_stage1.teacher_loss_fn(args, rollouts, base_logp, +1.0)
+    loss_fn = erpd_stage1.teacher_loss(args, rollouts, base_logp, +1.0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0)
     ids, attn, labels, mask = packed["input_ids"], packed["attention_mask"], packed["labels"], packed["mask"]
     width = labels.shape[1]

@@ -55,7 +55,8 @@ def main():
                                          gradient_checkpointing=args.gradient_checkpointing)
     ctx = common.Context(0, 0, 1, device)
     problems = common.load_problems(args.data, num=args.prompts, seed=0)
-    problems = common.encode_problems(tokenizer, problems, 1024, args.data)
+    problems = common.encode_problems(tokenizer, problems, 1024, args.data,
+                                      common.prompt_format(tokenizer, default=common.recorded_prompt_format(args.model)))
 
     # warm-up (kernel selection, cuBLAS and allocator set-up) outside the timed phases
     common.sample_and_score(model, tokenizer, problems[:2], 2, ctx=ctx, seed=1, max_new_tokens=8, temperature=1.0)
@@ -81,7 +82,7 @@ def main():
     base_logp = [s["logp"] for s in common.score_rollouts(model, rollouts, layout, pad_id=tokenizer.pad_token_id,
                                                           temperature=1.0, ctx=ctx)]
     stage1_args = erpd_stage1.parse_args([])
-    loss_fn = erpd_stage1.teacher_loss_fn(stage1_args, rollouts, base_logp, +1.0)
+    loss_fn = erpd_stage1.teacher_loss(stage1_args, rollouts, base_logp, +1.0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     _, train_s, train_gb = phase(lambda: common.train_epoch(
         model, optimizer, rollouts, loss_fn, epoch=0, ctx=ctx, pad_id=tokenizer.pad_token_id, temperature=1.0,

@@ -1,4 +1,4 @@
-"""Shared test set-up: offline hub, repo root importable, a small fixed thread count."""
+"""Shared test set-up: offline hub, repo root importable, a small fixed thread count, the slow marker."""
 
 import os
 import sys
@@ -14,4 +14,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))  # CI's 2 cores, unless told otherwise
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: the slowest end-to-end runs (skip locally with -m 'not slow'; CI runs them)")

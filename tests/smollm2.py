@@ -229,6 +229,44 @@ def smollm2_folder() -> Path:
     return final
 
 
+def smollm2_truncated_folder(layers: int) -> Path:
+    """SmolLM2-135M-Instruct with only its first `layers` decoder layers: the real tokenizer, chat template,
+    tied embeddings and generation config at a fraction of the 30 layers' cost, for the end-to-end runs
+    of the scripts (what they exercise is the real-model path, not the depth). Cached beside the full one."""
+    full = smollm2_folder()
+    final = full.with_name(f"{full.name}-{layers}layers")
+    if (final / _MARKER).is_file():
+        return final
+    from filelock import FileLock
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with FileLock(str(full.parent / ".build.lock")):
+        if not (final / _MARKER).is_file():
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=full.parent))
+            try:
+                config = json.loads((full / "config.json").read_text())
+                config["num_hidden_layers"] = layers
+                (tmp / "config.json").write_text(json.dumps(config, indent=2))
+                kept = {}
+                with safe_open(str(full / "model.safetensors"), "pt") as f:
+                    for key in f.keys():
+                        parts = key.split(".")
+                        if not (len(parts) > 2 and parts[1] == "layers" and int(parts[2]) >= layers):
+                            kept[key] = f.get_tensor(key)
+                save_file(kept, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+                for f in full.iterdir():
+                    if f.name not in ("config.json", "model.safetensors"):
+                        shutil.copy(f, tmp / f.name)
+                os.chmod(tmp, 0o755)
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
 def smollm2_info() -> dict:
     """What the conversion recorded (tokens, source, ...)."""
     return json.loads((smollm2_folder() / _MARKER).read_text())

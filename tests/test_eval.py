@@ -48,3 +48,41 @@ def test_paired_difference_uses_shared_problems_and_pairs_them():
     assert same_diff == 0.0 and same_ci == [0.0, 0.0]
     with pytest.raises(eval_math.InputError, match="share no problem"):
         eval_math.paired_diff(a, {"samples": k, "outcomes": [[-1, 0]]})
+
+
+def test_summary_columns_by_hand():
+    """accuracy = mean reward over samples; pass@k = any of a problem's k samples right; kl_to_ref = mean over
+    samples of the sequence log-ratio; token KL and entropy = means over tokens; greedy: no distribution."""
+    import torch
+
+    rewards = {0: [1, 0, 0], 1: [0, 0, 0], 2: [1, 1, 0]}
+    rollouts, scores = [], []
+    for p, rs in rewards.items():
+        for k, r in enumerate(rs):
+            n = 1 + p + k  # response lengths 1..5
+            rollouts.append({"prompt_index": p, "reward": float(r), "response_ids": [7] * n, "truncated": n == 5})
+            logp = torch.full((n,), -0.5 - 0.1 * p)
+            scores.append({"logp": logp, "ref_logp": logp - 0.2 * (k + 1), "kl": torch.full((n,), 0.01 * (p + 1)),
+                           "entropy": torch.full((n,), 0.3)})
+    result = eval_math.summarize(rollouts, scores, samples=3, seed=0)
+    assert result["accuracy"] == pytest.approx(3 / 9)
+    assert result["pass_at_k"] == pytest.approx(2 / 3)
+    lengths = [1 + p + k for p in range(3) for k in range(3)]
+    seq_kl = [0.2 * (k + 1) * (1 + p + k) for p in range(3) for k in range(3)]
+    assert result["kl_to_ref"] == pytest.approx(sum(seq_kl) / 9)
+    token_kl = sum(0.01 * (p + 1) * (1 + p + k) for p in range(3) for k in range(3)) / sum(lengths)
+    assert result["token_kl_to_ref"] == pytest.approx(token_kl)
+    assert result["entropy"] == pytest.approx(0.3)
+    assert result["mean_length"] == pytest.approx(sum(lengths) / 9)
+    assert result["truncated"] == pytest.approx(sum(n == 5 for n in lengths) / 9)
+    assert result["outcomes"] == [[0, 1], [1, 0], [2, 2]] and result["samples"] == 3
+    greedy = eval_math.summarize(rollouts, None, samples=3, seed=0)
+    assert greedy["kl_to_ref"] is None and greedy["token_kl_to_ref"] is None and greedy["entropy"] is None
+    assert greedy["accuracy"] == result["accuracy"]
+
+
+def test_greedy_with_several_samples_is_refused():
+    from runs import run_in_process
+
+    code, _, err = run_in_process("eval_math.py", "--temperature", "0", "--samples", "4")
+    assert code == 2 and "greedy samples of one problem are all the same" in err

@@ -41,24 +41,55 @@ def test_model_path_matches_logits_path():
     assert max(a.abs().max().item() for a in g_a) > 0
 
 
-def test_autocast_backward_recomputes_in_the_forward_dtype():
-    """Under bf16 autocast over float32 weights the gradient is the exact gradient of the bf16 logits
-    the forward used: backward rebuilds the same softmax as the forward's log-sum-exp."""
+def test_chunked_projection_is_float32_under_autocast():
+    """Under bf16 autocast the chunked head still projects in float32, in both passes: the log-probs and
+    gradients are those of the float32 logits, and float32 master weights keep a float32 gradient."""
     g = torch.Generator().manual_seed(0)
-    h = (torch.randn(32, 16, generator=g) * 4).requires_grad_(True)
+    h = (torch.randn(32, 16, generator=g) * 4).bfloat16().float().requires_grad_(True)
     w = torch.randn(64, 16, generator=g).requires_grad_(True)
     y = torch.randint(0, 64, (32,), generator=g)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = common.lm_head_logprobs(h, w, y)
+        out = common.lm_head_logprobs(h.bfloat16(), w, y)  # a bf16 decoder output
     out.sum().backward()
-    z = (h.detach().bfloat16() @ w.detach().bfloat16().T).float().requires_grad_(True)
-    ref = torch.log_softmax(z, -1).gather(-1, y[:, None]).squeeze(-1)
+    h_ref, w_ref = h.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    ref = torch.log_softmax(h_ref @ w_ref.T, -1).gather(-1, y[:, None]).squeeze(-1)
     ref.sum().backward()
     torch.testing.assert_close(out.detach(), ref.detach(), rtol=0, atol=1e-5)
-    d = z.grad.bfloat16()
-    torch.testing.assert_close(h.grad, (d @ w.detach().bfloat16()).float(), rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(w.grad, (d.T @ h.detach().bfloat16()).float(), rtol=1e-2, atol=1e-2)
-    assert w.grad.dtype == torch.float32  # float32 master weights keep a float32 gradient
+    torch.testing.assert_close(h.grad, h_ref.grad, rtol=1e-2, atol=1e-2)  # through the bf16 input's cast
+    torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-5, atol=1e-5)
+    assert w.grad.dtype == torch.float32
+
+
+def test_logprobs_under_bf16_autocast_are_those_of_a_float32_projection():
+    """The decoder runs in bf16 under --autocast, the LM head in float32 on every path: the log-probs equal
+    log_softmax of a float32 projection of the same decoder output (a bf16 head would be off by up to
+    ~0.04 nats here), and scoring log pi_0 reproduces the training forward bit for bit (ratio 1)."""
+    model, tokenizer = common.load_model(common.DEFAULT_MODEL, autocast="bfloat16")
+    g = torch.Generator().manual_seed(0)
+    rollouts = [{"prompt_ids": torch.randint(4, 100, (5 + i,), generator=g).tolist(),
+                 "response_ids": torch.randint(4, 100, (6 + 3 * i,), generator=g).tolist()} for i in range(4)]
+    batch = common.pack_rollouts(rollouts, tokenizer.pad_token_id, "cpu")
+    width = batch["labels"].shape[1]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                     position_ids=batch["position_ids"]).last_hidden_state[:, -width - 1:-1]
+    weight = model.get_output_embeddings().weight.detach()
+    expected = torch.log_softmax(hidden.float() @ weight.float().T / 0.9, -1)
+    expected = expected.gather(-1, batch["labels"][..., None]).squeeze(-1) * batch["mask"]
+    bf16_head = torch.log_softmax((hidden.bfloat16() @ weight.bfloat16().T).float() / 0.9, -1)
+    bf16_head = bf16_head.gather(-1, batch["labels"][..., None]).squeeze(-1) * batch["mask"]
+    assert (bf16_head - expected).abs().max() > 1e-2  # what a bf16 head would have cost
+    ctx = common.Context(0, 0, 1, torch.device("cpu"))
+    for chunked in (False, True):
+        with torch.no_grad():
+            logp = common.response_logprobs(model, batch, 0.9, chunked_lm_head=chunked)
+        torch.testing.assert_close(logp, expected, rtol=0, atol=1e-4)
+        scored = common.score_rollouts(model, rollouts, [[0, 1, 2, 3]], pad_id=tokenizer.pad_token_id,
+                                       temperature=0.9, ctx=ctx, chunked_lm_head=chunked)
+        model.train()
+        train_logp = common.response_logprobs(model, batch, 0.9, chunked_lm_head=chunked)
+        for row, s in enumerate(scored):
+            assert torch.equal(s["logp"], train_logp[row, :len(rollouts[row]["response_ids"])].detach())
 
 
 def test_response_logits_are_contiguous_and_exact():
@@ -76,9 +107,9 @@ def test_response_logits_are_contiguous_and_exact():
 
 
 def test_chunked_path_under_autocast_scores_exactly_what_training_computes():
-    """--chunked-lm-head --autocast bfloat16: the decoder and the LM head both run in bf16 (the model's
-    autocast reaches the chunked path), and scoring log pi_0 through the same path gives the training
-    forward's log-probs bit for bit, so the first step's ratio is exactly 1."""
+    """--chunked-lm-head --autocast bfloat16: the decoder runs in bf16 (the model's autocast reaches the
+    chunked path), and scoring log pi_0 through the same path gives the training forward's log-probs bit
+    for bit, so the first step's ratio is exactly 1."""
     torch.manual_seed(0)
     model, tokenizer = common.load_model(common.DEFAULT_MODEL, autocast="bfloat16")
     rollouts = [{"prompt_ids": list(range(5, 9 + i)), "response_ids": list(range(10, 16 + 2 * i))} for i in range(4)]

@@ -8,9 +8,7 @@ import pytest
 import torch
 
 import common
-from common import (
-    global_batches, my_micro_batches, pack_rollouts, ppo_clip_loss, sapo_loss, token_entropy, token_kl,
-    token_logprobs)
+from common import global_batches, my_micro_batches, pack_rollouts, token_entropy, token_kl, token_logprobs
 
 LOW = [torch.bfloat16, torch.float16]
 ALL = [torch.float32, torch.bfloat16, torch.float16]
@@ -266,54 +264,3 @@ def test_my_micro_batches_cover_global_batch_once(world, micro_batch):
 # ------------------------------------------------------------------------------------------------
 # micro-batch invariance of the loss (what common.train_epoch does, at the function level)
 # ------------------------------------------------------------------------------------------------
-
-def _ppo(logp, old, adv):
-    return ppo_clip_loss(logp, old, adv, 0.2, 0.3)[0]
-
-
-def _sapo(logp, old, adv):
-    return sapo_loss(logp, old, adv)
-
-
-@pytest.mark.parametrize("loss_fn", [_ppo, _sapo], ids=["ppo", "sapo"])
-@pytest.mark.parametrize("micro", [1, 2, 8])
-def test_loss_and_gradient_invariant_to_micro_batching(loss_fn, micro):
-    g = torch.Generator().manual_seed(0)
-    B, T = 8, 12
-    lengths = torch.tensor([12, 1, 7, 3, 12, 9, 5, 2])
-    mask = (torch.arange(T)[None, :] < lengths[:, None]).double()
-    old = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
-    logp0 = old + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.4  # some tokens get clipped
-    adv = torch.randn(B, 1, generator=g, dtype=torch.float64)
-    global_tokens = int(lengths.sum())
-
-    full_leaf = logp0.clone().requires_grad_(True)
-    full = (loss_fn(full_leaf, old, adv) * mask).sum() / global_tokens
-    full.backward()
-
-    acc_leaf = logp0.clone().requires_grad_(True)
-    total = 0.0
-    for s in range(0, B, micro):
-        rows = slice(s, s + micro)
-        width = int(lengths[rows].max())  # each micro-batch is packed to its own width
-        part = (loss_fn(acc_leaf[rows, :width], old[rows, :width], adv[rows]) * mask[rows, :width]).sum()
-        part = part / global_tokens
-        part.backward()
-        total += part.item()
-
-    assert abs(total - full.item()) < 1e-12
-    torch.testing.assert_close(acc_leaf.grad, full_leaf.grad, rtol=0, atol=1e-12)
-    assert full_leaf.grad.abs().sum() > 0
-    assert (full_leaf.grad * (1 - mask)).abs().max() == 0  # padded positions get no gradient
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_token_topk_matches_full_log_softmax(small_chunks, dtype):
-    torch.manual_seed(0)
-    logits = (torch.randn(*SHAPE, VOCAB) * 3).to(dtype)
-    values, ids = common.token_topk(logits, 4, temperature=0.7)
-    full = torch.log_softmax(logits.float() / 0.7, -1)
-    expected = full.topk(4, dim=-1)
-    assert values.shape == ids.shape == (*SHAPE, 4) and values.dtype == torch.float32 and ids.dtype == torch.int32
-    torch.testing.assert_close(values, expected.values, rtol=0, atol=1e-5)
-    torch.testing.assert_close(full.gather(-1, ids.long()), values, rtol=0, atol=1e-5)  # ids point at those values

@@ -11,7 +11,7 @@ import torch
 
 import common
 import erpd_stage1
-from test_distributed import launch, max_weight_diff
+from runs import PARITY_OPTIMIZER, PARITY_TOL, assert_same_steps, launch, max_weight_diff
 
 TINY = Path(common.DEFAULT_MODEL)
 
@@ -51,13 +51,14 @@ def test_qwen2_logits_paths(qwen2):
 def test_qwen2_fsdp_two_processes_match_one(qwen2, tmp_path):
     args = ["--model", qwen2, "--data", qwen2 / "digits.jsonl", "--num-prompts", "12", "--samples-per-prompt", "8",
             "--max-new-tokens", "16", "--epochs", "2", "--teacher-loss", "ppo", "--batch-size", "40",
-            "--micro-batch", "8", "--eval-every", "0", "--kl-rollouts", "8", "--lr", "1e-2"]
-    launch("erpd_stage1.py", 1, *args, "--out", tmp_path / "plain")
+            "--micro-batch", "8", "--eval-every", "0", "--kl-rollouts", "8", *PARITY_OPTIMIZER]
+    launch("erpd_stage1.py", *args, "--out", tmp_path / "plain")
     rows = [json.loads(line) for line in (tmp_path / "plain" / "rollouts" / "rollouts.jsonl").read_text().splitlines()]
     assert 0 < sum(r["reward"] for r in rows) < len(rows)
-    launch("erpd_stage1.py", 2, *args, "--rollouts", tmp_path / "plain", "--fsdp", "--out", tmp_path / "fsdp")
-    assert max_weight_diff(tmp_path / "plain" / "teacher", tmp_path / "fsdp" / "teacher") <= 1e-4
-    assert max_weight_diff(tmp_path / "plain" / "teacher", qwen2) > 1e-3  # it trained
+    launch("erpd_stage1.py", *args, "--rollouts", tmp_path / "plain", "--fsdp", "--out", tmp_path / "fsdp", nproc=2)
+    assert_same_steps(tmp_path / "plain", tmp_path / "fsdp")
+    assert max_weight_diff(tmp_path / "plain" / "teacher", tmp_path / "fsdp" / "teacher") <= PARITY_TOL
+    assert max_weight_diff(tmp_path / "plain" / "teacher", qwen2) > 1e-2  # it trained
     config = json.loads((tmp_path / "fsdp" / "teacher" / "config.json").read_text())
     assert config["architectures"] == ["Qwen2ForCausalLM"] and config["tie_word_embeddings"]
 
@@ -108,7 +109,7 @@ common.run_main(main)
 def test_fsdp_load_reads_weights_on_rank_0_only(qwen2, tmp_path, nproc, shard_size):
     script = tmp_path / "fsdp_load.py"
     script.write_text(FSDP_LOAD.format(root=str(common.ROOT), model=str(qwen2), shard_size=shard_size))
-    launch(script, nproc)
+    launch(script, nproc=nproc)
 
 
 def test_fsdp_refuses_a_model_with_a_plain_tensor_attribute(qwen2, monkeypatch):

@@ -1,11 +1,6 @@
 """Nothing lost: SIGKILL + --resume gives the same weights; bad input gives one clear line, no traceback."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,96 +9,40 @@ from safetensors.torch import load_file
 
 import common
 import erpd_stage1
-from test_pipeline import ROOT, run
+from runs import kill_after_first_checkpoint, launch, max_weight_diff, run_in_process
 
-STAGE1 = ["--num-prompts", "8", "--samples-per-prompt", "4", "--max-new-tokens", "32", "--epochs", "6",
+STAGE1 = ["--num-prompts", "8", "--samples-per-prompt", "4", "--max-new-tokens", "32", "--epochs", "3",
           "--batch-size", "8", "--micro-batch", "4", "--eval-every", "0", "--kl-rollouts", "32",
           "--save-every", "1", "--teacher-loss", "ppo"]
-STAGE2 = ["--epochs", "6", "--batch-size", "8", "--micro-batch", "4", "--eval-every", "0", "--kl-rollouts", "32",
+STAGE2 = ["--epochs", "3", "--batch-size", "8", "--micro-batch", "4", "--eval-every", "0", "--kl-rollouts", "32",
           "--save-every", "1"]
-
-
-def signal_tree(pid: int, sig) -> None:
-    """Send sig to pid and all its descendants (torchrun starts each worker in a session of its own)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        todo += children.get(p, [])
-        try:
-            os.kill(p, sig)
-        except ProcessLookupError:
-            pass
-
-
-def kill_after_first_checkpoint(script, args, checkpoint: Path, nproc: int = 1):
-    """Start a stage (under torchrun with nproc > 1), SIGKILL every process of it once it has saved a
-    checkpoint in the middle of an epoch after the first; return the state it had saved."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    proc = subprocess.Popen([*launcher, str(ROOT / script), *map(str, args)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state_file = checkpoint / "state.json"
-
-    def saved_state():
-        try:
-            return json.loads(state_file.read_text())
-        except (json.JSONDecodeError, OSError):  # not yet, or mid-rename
-            return None
-
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        state = saved_state()
-        if state and (state["epoch"], state["step"]) >= (2, 1) and state["step"] > 0:
-            signal_tree(proc.pid, signal.SIGSTOP)  # freeze every process, then read what is really on disk
-            state = saved_state()
-            if state and state["step"] > 0:
-                signal_tree(proc.pid, signal.SIGKILL)
-                proc.wait()
-                return state
-            signal_tree(proc.pid, signal.SIGCONT)
-        time.sleep(0.01)
-    signal_tree(proc.pid, signal.SIGKILL)
-    pytest.fail("the run finished or stalled before it could be killed mid-way")
-
-
-def max_diff(a: Path, b: Path) -> float:
-    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
-    return max((wa[k] - wb[k]).abs().max().item() for k in wa)
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
-    run("erpd_stage1.py", "--out", out / "s1", *STAGE1)
-    run("erpd_stage2.py", "--teacher", out / "s1", "--out", out / "s2", *STAGE2)
+    launch("erpd_stage1.py", "--out", out / "s1", *STAGE1)
+    launch("erpd_stage2.py", "--teacher", out / "s1", "--out", out / "s2", *STAGE2)
     return out
 
 
 def test_stage1_killed_and_resumed_matches_uninterrupted(uninterrupted, tmp_path):
     state = kill_after_first_checkpoint("erpd_stage1.py", ["--out", tmp_path, *STAGE1], tmp_path / "checkpoint-teacher")
-    assert not (tmp_path / "teacher").exists() and state["epoch"] <= 6
-    run("erpd_stage1.py", "--out", tmp_path, "--resume", *STAGE1)
-    assert max_diff(uninterrupted / "s1" / "teacher", tmp_path / "teacher") <= 1e-6
+    assert not (tmp_path / "teacher").exists() and state["epoch"] <= 3
+    launch("erpd_stage1.py", "--out", tmp_path, "--resume", *STAGE1)
+    assert max_weight_diff(uninterrupted / "s1" / "teacher", tmp_path / "teacher") <= 1e-6
     full = json.loads((uninterrupted / "s1" / "shards" / "manifest.json").read_text())
     resumed = json.loads((tmp_path / "shards" / "manifest.json").read_text())
     assert [s["sha256"] for s in full["shards"]] == [s["sha256"] for s in resumed["shards"]]
     # resuming a finished run keeps its shards (sha256 checked) instead of rewriting them
     shard = next((tmp_path / "shards").glob("*.safetensors"))
     written = shard.stat().st_mtime_ns
-    proc = run("erpd_stage1.py", "--out", tmp_path, "--resume", *STAGE1)
-    assert "kept the finished shards" in proc.stdout and shard.stat().st_mtime_ns == written
+    code, out, _ = run_in_process("erpd_stage1.py", "--out", tmp_path, "--resume", *STAGE1)
+    assert code == 0 and "kept the finished shards" in out and shard.stat().st_mtime_ns == written
     # ... unless a shard was altered: then it is rewritten
     shard.write_bytes(shard.read_bytes()[:-10])
-    proc = run("erpd_stage1.py", "--out", tmp_path, "--resume", *STAGE1)
-    assert "kept the finished shards" not in proc.stdout
+    code, out, _ = run_in_process("erpd_stage1.py", "--out", tmp_path, "--resume", *STAGE1)
+    assert code == 0 and "kept the finished shards" not in out
     assert json.loads((tmp_path / "shards" / "manifest.json").read_text())["shards"] == resumed["shards"]
 
 
@@ -111,8 +50,8 @@ def test_stage2_killed_and_resumed_matches_uninterrupted(uninterrupted, tmp_path
     args = ["--teacher", uninterrupted / "s1", "--out", tmp_path, *STAGE2]
     kill_after_first_checkpoint("erpd_stage2.py", args, tmp_path / "checkpoint")
     assert not (tmp_path / "student").exists()
-    run("erpd_stage2.py", "--resume", *args)
-    assert max_diff(uninterrupted / "s2" / "student", tmp_path / "student") <= 1e-6
+    launch("erpd_stage2.py", "--resume", *args)
+    assert max_weight_diff(uninterrupted / "s2" / "student", tmp_path / "student") <= 1e-6
 
 
 # ---- failure modes: exit code 2, one line naming the file and line / field, no traceback ---------
@@ -122,11 +61,12 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-def expect_error(proc, *fragments):
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+def expect_error(result, *fragments):
+    """Exit code 2 and one message (run_in_process: any other exception would have raised here)."""
+    code, _, err = result
+    assert code == 2, err[-2000:]
     for fragment in fragments:
-        assert fragment in proc.stderr, proc.stderr[-2000:]
+        assert fragment in err, err[-2000:]
 
 
 @pytest.mark.parametrize("content, fragments", [
@@ -137,8 +77,7 @@ def expect_error(proc, *fragments):
 ])
 def test_bad_data_is_one_clear_line(tmp_path, content, fragments):
     data = write(tmp_path / "bad.jsonl", content)
-    proc = run("erpd_stage1.py", "--data", data, "--out", tmp_path / "out", check=False)
-    expect_error(proc, str(data), *fragments)
+    expect_error(run_in_process("erpd_stage1.py", "--data", data, "--out", tmp_path / "out"), str(data), *fragments)
 
 
 @pytest.mark.parametrize("flags, fragment", [
@@ -147,8 +86,7 @@ def test_bad_data_is_one_clear_line(tmp_path, content, fragments):
     (["--fsdp", "--chunked-lm-head"], "--chunked-lm-head calls the decoder outside the FSDP root"),
 ])
 def test_bad_parallelism_flags_are_one_clear_line(tmp_path, flags, fragment):
-    proc = run("erpd_stage1.py", *flags, "--out", tmp_path / "out", check=False)
-    expect_error(proc, fragment)
+    expect_error(run_in_process("erpd_stage1.py", *flags, "--out", tmp_path / "out"), fragment)
 
 
 def test_bf16_training_weights_are_warned_and_fp16_refused(capsys):
@@ -166,10 +104,10 @@ def test_long_prompts_are_skipped_or_fatal(tmp_path):
     data = write(tmp_path / "d.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     args = ["--data", data, "--num-prompts", "4", "--samples-per-prompt", "2", "--epochs", "1", "--eval-every", "0",
             "--max-prompt-len", "64", "--kl-rollouts", "4"]
-    proc = run("erpd_stage1.py", *args, "--long-prompts", "error", "--out", tmp_path / "a", check=False)
-    expect_error(proc, "longer than --max-prompt-len 64")
-    proc = run("erpd_stage1.py", *args, "--out", tmp_path / "b")
-    assert "skipped 2 prompt(s)" in proc.stderr
+    expect_error(run_in_process("erpd_stage1.py", *args, "--long-prompts", "error", "--out", tmp_path / "a"),
+                 "longer than --max-prompt-len 64")
+    code, _, err = run_in_process("erpd_stage1.py", *args, "--out", tmp_path / "b")
+    assert code == 0 and "skipped 2 prompt(s)" in err
     assert len((tmp_path / "b" / "rollouts" / "rollouts.jsonl").read_text().splitlines()) == 2 * 2
 
 
@@ -179,15 +117,14 @@ def test_corrupt_or_truncated_shard_is_refused(uninterrupted, tmp_path):
     shutil.copytree(uninterrupted / "s1" / "shards", tmp_path / "shards")
     shard = next((tmp_path / "shards").glob("*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:-100])
-    proc = run("erpd_stage2.py", "--teacher", tmp_path, "--out", tmp_path / "out", check=False)
-    expect_error(proc, shard.name, "sha256 mismatch")
+    expect_error(run_in_process("erpd_stage2.py", "--teacher", tmp_path, "--out", tmp_path / "out"),
+                 shard.name, "sha256 mismatch")
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(uninterrupted, tmp_path):
     args = ["--teacher", uninterrupted / "s1", "--out", tmp_path, "--epochs", "3", "--batch-size", "8",
             "--micro-batch", "8", "--eval-every", "0", "--kl-rollouts", "0", "--lr", "1e30", "--save-every", "1"]
-    proc = run("erpd_stage2.py", *args, check=False)
-    expect_error(proc, "non-finite")
+    expect_error(run_in_process("erpd_stage2.py", *args), "non-finite")
     assert not (tmp_path / "student").exists()
     state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
     weights = load_file(str(tmp_path / "checkpoint" / "model.safetensors"))
@@ -195,9 +132,10 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(uninterrupted, tmp
 
 
 def test_truncation_and_no_signal_are_warned(tmp_path):
-    proc = run("erpd_stage1.py", "--num-prompts", "4", "--samples-per-prompt", "2", "--max-new-tokens", "4",
-               "--epochs", "1", "--eval-every", "0", "--kl-rollouts", "4", "--out", tmp_path)
-    assert "hit --max-new-tokens" in proc.stderr and "identical rewards" in proc.stderr
+    code, _, err = run_in_process("erpd_stage1.py", "--num-prompts", "4", "--samples-per-prompt", "2",
+                                  "--max-new-tokens", "4", "--epochs", "1", "--eval-every", "0", "--kl-rollouts", "4",
+                                  "--out", tmp_path)
+    assert code == 0 and "hit --max-new-tokens" in err and "identical rewards" in err
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     record = next(r for r in records if r["event"] == "rollouts")
     assert record["truncated"] == 1.0 and record["groups_with_signal"] == 0.0

@@ -6,9 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import encode_prompt, load_model, load_problems, pack_rollouts, response_logprobs, sample_responses
-from smollm2 import smollm2_folder
-from test_pipeline import run
+from common import (
+    DEFAULT_INSTRUCTION, encode_problems, encode_prompt, load_model, load_problems, pack_rollouts, prompt_format,
+    recorded_prompt_format, response_logprobs, sample_responses)
+from smollm2 import smollm2_folder, smollm2_truncated_folder
+from runs import launch
 
 DATA = Path(__file__).parent / "data" / "gsm8k_style.jsonl"
 
@@ -21,14 +23,17 @@ def smol():
 
 
 def test_prompt_is_chat_templated_and_eos_ends_the_response(smol):
-    _, model, tokenizer = smol
+    folder, model, tokenizer = smol
     problem = load_problems(str(DATA))[0]
-    ids = encode_prompt(tokenizer, problem["prompt"])
+    prompt = prompt_format(tokenizer, default=recorded_prompt_format(str(folder)))  # a hub model records none
+    assert prompt["instruction"] == DEFAULT_INSTRUCTION
+    ids = encode_problems(tokenizer, [problem], 1024, str(DATA), prompt)[0]["prompt_ids"]
     text = tokenizer.decode(ids)
     assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
-    assert "<|im_start|>user\n" + problem["prompt"] + "<|im_end|>" in text
+    # the instruction that asks for a boxed final answer is in the user's turn the model sees
+    assert "<|im_start|>user\n" + problem["prompt"] + "\n" + DEFAULT_INSTRUCTION + "<|im_end|>" in text
     assert tokenizer.pad_token_id == tokenizer.eos_token_id  # the pad == EOS case, for real
-    [resp] = sample_responses(model, [ids], max_new_tokens=96, temperature=0.0, top_p=1.0,
+    [resp] = sample_responses(model, [ids], max_new_tokens=224, temperature=0.0, top_p=1.0,
                               stop_ids=[tokenizer.eos_token_id], pad_id=tokenizer.pad_token_id,
                               generator=torch.Generator().manual_seed(0))
     assert not resp["truncated"] and resp["response_ids"][-1] == tokenizer.eos_token_id
@@ -53,17 +58,19 @@ def test_batched_greedy_equals_one_at_a_time(smol):
     assert greedy(prompts) == [greedy([p])[0] for p in prompts]
 
 
-def test_three_scripts_end_to_end_on_smollm2(smol, tmp_path):
-    folder = smol[0]
+def test_three_scripts_end_to_end_on_smollm2(tmp_path):
+    """Stage 1, stage 2 and evaluation on SmolLM2's real BPE tokenizer, chat template, pad == EOS and tied
+    head, with its first 2 of 30 decoder layers (the tests above run the whole model)."""
+    folder = smollm2_truncated_folder(2)
     common_args = ["--model", folder, "--max-new-tokens", "24", "--micro-batch", "4", "--kl-rollouts", "4",
                    "--eval-every", "0", "--lr", "1e-5"]
-    run("erpd_stage1.py", *common_args, "--data", DATA, "--num-prompts", "2", "--samples-per-prompt", "2",
+    launch("erpd_stage1.py", *common_args, "--data", DATA, "--num-prompts", "2", "--samples-per-prompt", "2",
         "--epochs", "1", "--batch-size", "4", "--teacher-loss", "ce", "--out", tmp_path / "s1")
     manifest = json.loads((tmp_path / "s1" / "shards" / "manifest.json").read_text())
     assert manifest["num_rows"] == 4
-    run("erpd_stage2.py", *common_args, "--teacher", tmp_path / "s1", "--epochs", "1", "--batch-size", "4",
+    launch("erpd_stage2.py", *common_args, "--teacher", tmp_path / "s1", "--epochs", "1", "--batch-size", "4",
         "--out", tmp_path / "s2")
-    run("eval_math.py", "--model", f"student={tmp_path / 's2' / 'student'}", "--ref", folder, "--data", DATA,
+    launch("eval_math.py", "--model", f"student={tmp_path / 's2' / 'student'}", "--ref", folder, "--data", DATA,
         "--num-prompts", "2", "--samples", "2", "--max-new-tokens", "24", "--json", tmp_path / "eval.json")
     metrics = json.loads((tmp_path / "eval.json").read_text())["models"]["student"]
     assert 0 <= metrics["accuracy"] <= 1 and metrics["token_kl_to_ref"] >= 0 and metrics["mean_length"] > 0
