@@ -1951,14 +1951,40 @@ def load_checkpoint(directory, model, optimizer) -> dict | None:
 # normalised strings, plain numbers (exact fractions), structures, then expressions, evaluated
 # numerically (complex floats) at fixed points; sympy's simplify is never called (unbounded time).
 #
+# Extraction, first that applies: the final group of \boxed{}; `#### N`; "the answer is X" (its first
+# clause, or the math expression that starts in it); the final group of math-mode expressions
+# (`$..$`, `$$..$$`, `\(..\)`, `\[..\]`; one that only names a variable, `where $x$ is ...`, is
+# skipped); a short prediction with no delimiters, whole (`\frac{1}{3}`, `[0, 1)`); the last number,
+# only if it stands alone (never the 2 of `\frac{1+\sqrt5}{2}` or of `x^2`). A gold may be the raw
+# dataset string (`$[0,1)$`), a GSM8K solution or a MATH solution (its final box group).
+#
 # Conventions (math-verify's where it has one):
+#   * Several boxes (or math expressions) are one answer when only connectives stand between them
+#     (`,` `;` and, or, `\quad`, `\text{ and }`, enumerators `(2)`, the names assigned, `x =`); any
+#     other word ends the group, so `\boxed{5}, but on reflection \boxed{6}` answers 6. The group is
+#     a list: unordered against a list or set (`\boxed{1} and \boxed{2}` is {1, 2}), in order against
+#     a tuple (`x = \boxed{2}, y = \boxed{3}` is (2, 3)); a group repeating one answer is that answer.
 #   * `50\%` equals 50 and 0.5; plain 50 does not equal 0.5.
 #   * A decimal equals an exact value only if it is that value correctly rounded and has at least 4
 #     significant digits (0.3333 = 1/3, 0.33 != 1/3), or within float noise (relative 1e-9).
-#   * Tuples `(a, b)` are ordered; sets `\{..\}`, bare lists `x=1, x=2` and `\pm` are unordered; an
-#     open interval and a point are both written `(a, b)` and compare equal; `[a, b)` is an interval.
-#   * `x = 3`, `y = 2x + 3`, `f(x) = ...` compare by their right-hand side; other equations compare
-#     as lhs - rhs up to a constant factor. `2\frac{1}{2}` is the mixed number 5/2.
+#   * Thousands separators group exactly three digits: `1,234`, `1 234`, `1\,234`, `1{,}234`,
+#     `11,\! 111`. A decimal comma (`2,74`, `0,5`, `3{,}14`) is read only against a single value, as
+#     the list 2, 74 otherwise; never with a space after the comma (`1, 5` is a list) nor before
+#     exactly three digits (`3,500` is 3500), unless the integer part is 0 (`0,125`).
+#   * Tuples `(a, b)` are ordered; sets `\{..\}`, bare lists `x=1, x=2` and `\pm` are unordered; a
+#     tuple never equals a set; an open interval and a point are both written `(a, b)` and compare
+#     equal; `[a, b)` is an interval, and closedness matters.
+#   * Relations of one variable are intervals: `x \ge 5`, `5 \le x`, `x >= 5`, `-x > -1` (x < 1),
+#     `-2 < x \le 5`, `x \in [a, b)`, `\{x \mid x > 2\}`; `x \ne 3` is (-oo, 3) u (3, oo);
+#     `... \text{ or } ...` is their union. `x \approx 11` is `x = 11`: the approximation is the answer.
+#   * `x = 3`, `f(x) = 2x + 3`, `(p, q) = (3, 2)`, `\angle A = 30^\circ` compare by their right-hand
+#     side, and so does `x + y = 5` (a constant right side) against a value; two equations compare as
+#     lhs - rhs up to a constant factor (`y = x + 1` is `x - y + 1 = 0`). A chain `a = b = 7` is 7.
+#     `2\frac{1}{2}` is the mixed number 5/2.
+#   * Matrices (`pmatrix`, `bmatrix`, `\left[\begin{array}..\right]`) compare element-wise; a vector
+#     equals a tuple; `\begin{cases} x = 2 \\ y = 1 \end{cases}` is the list x = 2, y = 1.
+#   * Multiple choice compares letters only, as a set: `\text{(C)}` = C, `BD` = `B, D` != D.
+#   * Words after a value are units (`5 \text{ cm}`, `12 km/h`, `5 m`); `\text{odd}` = `odd`.
 #   * `e` and `i` are Euler's number and the imaginary unit; `\log` is the natural log.
 
 _MAX_TEXT = 5000        # only the tail of a response is searched for its answer
@@ -1969,7 +1995,8 @@ _MAX_FACTORIAL = 1000
 _MAX_ITEMS = 32         # elements of a tuple, set, list or matrix
 _TIME_BUDGET = 0.9      # seconds; checked between stages (each stage is bounded by construction)
 _REL_TOL = 1e-9         # exact answers compared numerically (irrationals, symbolic identities)
-_DEC_REL_TOL = 1e-9     # a decimal literal against anything: float noise only (see _decimal_close)
+_DEC_REL_TOL = Fraction(1, 10 ** 9)  # a decimal literal against anything: float noise only (see _decimal_close);
+#                                    exact, so a 400-digit integer is compared without a float overflow
 _DEC_MIN_SIG = 4        # ... or the correctly rounded value, if it has at least this many digits
 
 
@@ -1986,7 +2013,8 @@ class _Timeout(Exception):
 
 
 # ------------------------------------------------------------------------------------------------
-# Extraction: last \boxed{}, then "#### N", then "the answer is X", then the last number
+# Extraction: final \boxed{} group, then "#### N", then "the answer is X", then the last math-mode
+# expression, then the last stand-alone number
 # ------------------------------------------------------------------------------------------------
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
@@ -1995,7 +2023,31 @@ _ANSWER_IS_RE = re.compile(r"(?=answer\**\s*(?:is\b|:)\s*:?\**[ \t]*([^\n]*))", 
 _NOT_AN_ANSWER_RE = re.compile(    # "check that the answer is correct" names no answer
     r"(?:correct|incorrect|right|wrong|reasonable|valid|invalid|consistent|indeed|likely|probably|"
     r"clearly|not|that|the|to|as|of|still|also|given|found|obtained|below|above)\b", re.I)
-_LAST_NUM_RE = re.compile(r"(?:(?<![\w)\]}])-)?(?<![\w.])\d[\d,]*(?:\.\d+)?")
+_LHS_VAR = r"(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\{?\w+\}?)?(?:\^\{?-1\}?)?(?:\([a-z]\))?"   # x, a_1, \theta, f^{-1}(x)
+# Between two boxes (or math spans) of one answer only connectives may stand: math delimiters,
+# punctuation, and/or, enumerators `(2)`, `\quad`, `\text{ and }`, the names being assigned
+# (`$x = \boxed{1}$ or ...`, `(p, q) = ...`).
+_GAP_RE = re.compile(r"\s+|[,;.:&$]|\\[()\[\],;:! ]|\\q?quad(?![a-zA-Z])|\\text\s*\{\s*(?:and|or|,)?\s*\}"
+                     r"|(?<![a-zA-Z])(?:and|or)(?![a-zA-Z])|\(\w{1,3}\)"
+                     r"|(?:" + _LHS_VAR + r"|\([\w\s,]{1,20}\))\s*=")
+_MAX_GAP = 80
+_MATH_DELIM_RE = re.compile(r"\\\\|\\\$|\$\$|\$|\\\[|\\\]|\\\(|\\\)")   # `\\` and `\$` are not delimiters
+_MATH_CLOSE = {"$$": "$$", "$": "$", "\\[": "\\]", "\\(": "\\)"}
+_PROSE_RE = re.compile(r"(?<![a-zA-Z])[a-zA-Z]{2,}\s+[a-zA-Z]{2}")   # tried at word starts only: linear
+_COMMAND_RE = re.compile(r"\\[a-zA-Z]+\s*\{[^{}]*\}|\\[a-zA-Z]+")     # \text{ cm}, \frac: not prose
+_CLAUSE_END_RE = re.compile(r"\.(?=\s|$)|;|(?:,|\s(?:and|but|because|since|which|as|so))\s+(?=[a-zA-Z]{2})")
+_MAX_BARE = 200
+# A number: 1,234,567 or 1 234 567 (groups of three), 12, 3.5, .5, 2,74 (a decimal comma: decided
+# against the gold, see _comma_decimal), a/b; an optional minus sign that is not a binary minus.
+_LAST_NUM_RE = re.compile(r"(?:(?<![\w)\]}])-)?(?<![\w.,])(?:\d{1,3}(?:,\d{3}|[ ]\d{3})+(?![\d,])(?:\.\d+)?"
+                          r"|\d+(?:[.,]\d+|/\d+)?|\.\d+)")
+# A number is an operand, not an answer, after `^ _ { ( [ | + - * /`, an operator command or a binary
+# minus (x - 5, 3 -5; but `is -5`), or before an operator, a bracket, a command or one letter (2x, 2\pi, 5};
+# but `5 cm`, `5cm`).
+_OPERAND_BEFORE_RE = re.compile(r"(?:[-+*/^_{(\[|]|\\(?:cdot|times|div|pm|mp|sqrt|[dtc]?frac|binom|log|ln|"
+                                r"sin|cos|tan|exp))\s*$")
+_BINARY_MINUS_RE = re.compile(r"(?:[\d)\]}]|(?<![a-zA-Z])[a-zA-Z])\s*$")
+_OPERAND_AFTER_RE = re.compile(r"\s?[-+*/^_]|[(\\{}\])|]|[a-zA-Z](?![a-zA-Z])")
 
 
 def _brace_pairs(text: str) -> dict:
@@ -2014,35 +2066,115 @@ def _brace_pairs(text: str) -> dict:
     return pairs
 
 
-def _boxed_contents(text: str) -> list:
-    """Contents of every \\boxed{...} / \\fbox{...} (nested braces) and `\\boxed 5`, in order."""
-    starts = [m.end() for m in _BOX_RE.finditer(text)]
+def _boxes(text: str) -> list:
+    """(start, end, content) of every \\boxed{...} / \\fbox{...} (nested braces) and `\\boxed 5`."""
+    starts = list(_BOX_RE.finditer(text))
     if not starts:
         return []
     pairs, out = _brace_pairs(text), []
-    for i in starts:
-        j = i
+    for m in starts:
+        i = j = m.end()
         while j < len(text) and text[j] == " ":
             j += 1
         if j < len(text) and text[j] == "{":
             if j in pairs:                       # unbalanced boxes are skipped
-                out.append(text[j + 1:pairs[j]])
+                out.append((m.start(), pairs[j] + 1, text[j + 1:pairs[j]]))
         elif j > i:                              # `\boxed 5`
-            m = re.match(r"[^\s$]+", text[j:])
-            if m:
-                out.append(m.group(0))
+            n = re.match(r"[^\s$]+", text[j:])
+            if n:
+                out.append((m.start(), j + n.end(), n.group(0)))
     return out
 
 
+def _final_group(items: list, text: str) -> list:
+    """Contents of the final group of `items` ((start, end, content) in order, in `text`). Several
+    form one answer when only connectives stand between them (`\\boxed{(2, 2)} and \\boxed{(6, 2)}`,
+    `$x = 1$ or $x = 2$`); any other word ends the group (`\\boxed{5}, but on reflection \\boxed{6}`
+    answers 6). A group that repeats one answer is that answer."""
+    if not items:
+        return []
+    group = [items[-1]]
+    for item in reversed(items[:-1]):
+        gap = text[item[1]:group[0][0]]
+        if len(gap) > _MAX_GAP or _GAP_RE.sub("", gap) or len(group) >= _MAX_ITEMS:
+            break
+        group.insert(0, item)
+    contents = [item[2] for item in group]
+    return contents[:1] if len(set(contents)) == 1 else contents
+
+
+def _final_boxes(text: str) -> list:
+    """The final group of boxes; a box that holds another gives way to it, empty ones are skipped."""
+    boxes = [(i, j, b.strip()) for i, j, b in _boxes(text) if b.strip()]
+    innermost = [b for b, after in zip(boxes, boxes[1:] + [None]) if not (after and after[0] < b[1])]
+    return _final_group(innermost, text)
+
+
+def _prose(s: str) -> bool:
+    """Two words in a row, outside commands: a sentence, not an answer."""
+    return bool(_PROSE_RE.search(_COMMAND_RE.sub(" ", s)))
+
+
+def _math_spans(text: str) -> list:
+    """(start, end, content) of the `$..$`, `$$..$$`, `\\(..\\)` and `\\[..\\]` in `text`, content
+    stripped, without spans of prose (two words: `$5 for apples and $` between two prices).
+    Delimiters pair left to right, as TeX pairs them, in one linear scan."""
+    spans, closer, start = [], None, 0
+    for m in _MATH_DELIM_RE.finditer(text):
+        tok = m.group()
+        if closer is None and tok in _MATH_CLOSE:
+            closer, start = _MATH_CLOSE[tok], m.start()
+        elif tok == closer:
+            span = text[start + len(tok):m.start()].strip()
+            if span and not _prose(span):
+                spans.append((start, m.end(), span))
+            closer = None
+    return spans
+
+
+def _last_math(text: str) -> list:
+    """The final group of math-mode expressions; one that only names a variable (`..., where $x$ is
+    the count`) gives way to the one before it."""
+    spans = _math_spans(text)
+    while len(spans) > 1 and _LONE_VAR_RE.fullmatch(spans[-1][2]):
+        spans.pop()
+    return _final_group(spans, text)
+
+
+def _bare(text: str):
+    """A short prediction that is all answer, with no delimiters: `\\frac{1}{3}`, `[0, 1)`, `x \\ge 5`,
+    `**42**` (markdown bold)."""
+    s = text.strip().strip("*").strip()
+    if len(s) <= _MAX_BARE and "\n" not in s and not _prose(s):
+        return s
+    return None
+
+
+def _last_number(text: str):
+    """The last number, if it stands alone: never one read out of a larger expression (the 2 of
+    `\\frac{1+\\sqrt5}{2}` or `x^2`, the 3 of `2\\sqrt3`), which would make any answer ending in a
+    common digit look right."""
+    last = None
+    for last in _LAST_NUM_RE.finditer(text):
+        pass
+    if last is None:
+        return None
+    before, after = text[max(0, last.start() - 30):last.start()], text[last.end():last.end() + 2]
+    binary_minus = last.group()[0] == "-" and _BINARY_MINUS_RE.search(before)
+    if binary_minus or _OPERAND_BEFORE_RE.search(before) or _OPERAND_AFTER_RE.match(after):
+        return None
+    return last.group()
+
+
 def _clean_phrase(x: str) -> str:
-    """The answer part of 'the answer is X. Because...': math delimiters or the first clause."""
+    """The answer part of 'the answer is X. Because...': the first clause, or the math expression
+    that starts in it ('the answer is therefore $5$, ...')."""
     x = x.strip().strip("*").strip()
-    for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
-        if x.startswith(left):
-            end = x.find(right, len(left))
-            if end > 0:
-                return x[len(left):end].strip()
-    x = re.split(r"\.(?=\s|$)|;|(?:,|\s(?:and|but|because|since|which|as|so))\s+(?=[a-zA-Z]{2})", x, maxsplit=1)[0]
+    spans = _math_spans(x)
+    end = _CLAUSE_END_RE.search(x)
+    if spans and (end is None or spans[0][0] < end.start()):
+        return spans[0][2]
+    x = x[:end.start()] if end else x
     return x.strip().rstrip(".!,:").strip()
 
 
@@ -2051,22 +2183,27 @@ def _extract(text: str):
     if not isinstance(text, str):
         return None, "prediction is not a string"
     text = text[-_MAX_TEXT:]
-    for content in reversed(_boxed_contents(text)):
-        if content.strip():
-            return content.strip(), "boxed"
+    boxes = _final_boxes(text)
+    if boxes:
+        return ", ".join(boxes), "boxed" if len(boxes) == 1 else f"{len(boxes)} boxes"
     for pattern, how in ((_HASH_RE, "####"), (_ANSWER_IS_RE, "answer is")):
         for m in reversed(list(pattern.finditer(text))):
-            phrase = _clean_phrase(m.group(1))
+            phrase = _clean_phrase(m.group(1)[:2 * _MAX_ANSWER])   # an answer is never longer
             if phrase and not _NOT_AN_ANSWER_RE.match(phrase):
                 return phrase, how
-    nums = _LAST_NUM_RE.findall(text)
-    if nums and nums[-1].rstrip(","):
-        return nums[-1].rstrip(","), "last number"
+    spans = _last_math(text)
+    if spans:
+        return ", ".join(spans), "math mode"
+    for find, how in ((_bare, "bare"), (_last_number, "last number")):
+        answer = find(text)
+        if answer:
+            return answer, how
     return None, "no answer found"
 
 
 def extract_answer(text: str) -> str | None:
-    """The final answer in a model response, as written (not normalised); None if there is none."""
+    """The final answer in a model response, as written (not normalised); None if there is none.
+    Several final boxes come back joined by ', '."""
     try:
         return _extract(text)[0]
     except Exception:
@@ -2074,7 +2211,8 @@ def extract_answer(text: str) -> str | None:
 
 
 def gold_answer_from_solution(solution: str) -> str | None:
-    """Gold answer from a plain answer, a GSM8K solution (`#### 72`) or a MATH solution (last box)."""
+    """Gold answer from a plain answer, a GSM8K solution (`#### 72`) or a MATH solution (final box
+    group, as for predictions)."""
     if solution is None:
         return None
     s = str(solution).strip()
@@ -2082,8 +2220,7 @@ def gold_answer_from_solution(solution: str) -> str | None:
         ans = s.rsplit("####", 1)[1].strip().replace(",", "").rstrip(".").strip()
         return ans or None
     if _BOX_RE.search(s):
-        boxes = [b.strip() for b in _boxed_contents(s) if b.strip()]
-        return boxes[-1] if boxes else None
+        return ", ".join(_final_boxes(s)) or None
     return s if 0 < len(s) <= _MAX_ANSWER else None
 
 
@@ -2094,15 +2231,20 @@ def gold_answer_from_solution(solution: str) -> str | None:
 _UNICODE = str.maketrans({"\u2212": "-", "\u2013": "-", "\u2014": "-", "\u00d7": "\\times ",
                           "\u00f7": "\\div ", "\u00b7": "\\cdot ", "\u03c0": "\\pi ", "\u221e": "\\infty ",
                           "\u221a": "\\sqrt", "\u2264": "\\le ", "\u2265": "\\ge ", "\u00b0": "",
-                          "\u222a": "\\cup ", "\u00b1": "\\pm ", "\u2009": " ", "\u00a0": " "})
+                          "\u222a": "\\cup ", "\u00b1": "\\pm ", "\u2009": " ", "\u00a0": " ",
+                          "\u2260": "\\ne ", "\u2248": "\\approx "})
 _REWRITES = [(re.compile(p), r) for p, r in (
     (r"\\(?:left|right)\.|\\(?:left|right|[bB]igg?[lr]?|middle)(?![a-zA-Z])", ""),
-    (r"\\(?:displaystyle|textstyle|scriptstyle|limits)(?![a-zA-Z])", ""),
+    (r"\\(?:displaystyle|textstyle|scriptstyle|limits|therefore|because)(?![a-zA-Z])", ""),
+    (r"^.*\\(?:Rightarrow|Longrightarrow|implies)(?![a-zA-Z])", ""),   # x^2 = 4 \Rightarrow x = 2
+    (r"(?<=\d),\s*\\!\s*(?=\d{3}(?!\d))", ","),     # MATH's thousands: 11,\! 111,\! 100
+    (r"(?<=\d)\{,\}(?!\d{3}(?!\d))", ","),         # `3{,}14`: a decimal comma (see _comma_decimal)
     (r"(?<!\\)\\[,;:!>]|\{,\}", ""),              # thin spaces; `1\,000` and `1{,}000` are numbers
     (r"(?<!\\)\\ |\\q?quad(?![a-zA-Z])|~", " "),
     (r"\\\$|\$|(?<!\\)\\[()\[\]]", " "),           # currency and math delimiters
     (r"\\[dtc]frac(?![a-zA-Z])", r"\\frac"), (r"\\[dt]binom(?![a-zA-Z])", r"\\binom"),
-    (r"\\leq?(?:slant)?(?![a-zA-Z])", r"\\le "), (r"\\geq?(?:slant)?(?![a-zA-Z])", r"\\ge "),
+    (r"\\leq?(?:slant)?(?![a-zA-Z])|<=", r"\\le "), (r"\\geq?(?:slant)?(?![a-zA-Z])|>=", r"\\ge "),
+    (r"\\neq?(?![a-zA-Z])|!=", r"\\ne "),
     (r"\\lt(?![a-zA-Z])", "<"), (r"\\gt(?![a-zA-Z])", ">"), (r"\\approx(?![a-zA-Z])", "="),
     (r"\^\s*\{?\s*\\circ\s*\}?|\\circ(?![a-zA-Z])|\\degree(?![a-zA-Z])", ""),
     (r"\\(?:emptyset|varnothing)(?![a-zA-Z])", r"\\{\\}"),
@@ -2112,9 +2254,10 @@ _REWRITES = [(re.compile(p), r) for p, r in (
 )]
 _TEXT_CMD_RE = re.compile(r"\\(?:text|textbf|textit|textrm|textnormal|textsf|mbox|mathrm|mathbf|mathit|"
                           r"mathsf|mathbb|operatorname|boldsymbol)\s*\{([^{}]*)\}(\s*\^\s*\{?\d\}?)?")
-_UNIT_WORD_RE = re.compile(r"[a-zA-Z]{2,}(?:/[a-zA-Z]+)?\.?(?:\^\{?\d\}?)?|[a-zA-Z]/[a-zA-Z]+")
+_UNIT_WORD_RE = re.compile(r"(?:[a-zA-Z]{2,}|[mgsLhK]|[a-zA-Z]+/[a-zA-Z]+)\.?(?:\^\{?\d\}?)?")  # 5 m, 3 cm^2, km/h
 _THOUSANDS_RE = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?|[+-]?\d{1,3}(?: \d{3})+")
-_LHS_VAR = r"(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\{?\w+\}?)?(?:\^\{?-1\}?)?(?:\([a-z]\))?"
+_SET_BUILDER_RE = re.compile(r"^\\\{\s*" + _LHS_VAR + r"\s*(?:\\mid(?![a-zA-Z])|\||:)(.+)\\\}$")
+_MEMBER_RE = re.compile(r"^(?:" + _LHS_VAR + r"\s*\\in(?![a-zA-Z])\s*|=\s*)")   # x \in [2, 5); \approx 3.14
 
 
 def _text_cmd(m: re.Match) -> str:
@@ -2123,7 +2266,7 @@ def _text_cmd(m: re.Match) -> str:
     if word.lower() in ("and", "or", ","):
         return ","
     before = m.string[:m.start()].strip()
-    if before and before[-1] not in "(,=" and re.fullmatch(r"[a-zA-Z][a-zA-Z .\-]+", word):
+    if before and before[-1] not in "(,=" and re.fullmatch(r"[a-zA-Z][a-zA-Z .\-/]*", word):
         return " "
     return m.group(1) + (m.group(2) or "")
 
@@ -2158,12 +2301,12 @@ def _normalize(s: str) -> tuple:
     s = s.replace("\\%", "").replace("%", "").rstrip(" .,;:")
     s = re.sub(r"\s+(?:and|or)\s+", ", ", s)
     s = _strip_units(s)
-    s = re.sub(r"^(?:[a-zA-Z]\s*\\in\s*|=\s*)", "", s)           # x \in [2, 5); \approx 3.14
+    s = _MEMBER_RE.sub("", _SET_BUILDER_RE.sub(r"\1", s))       # \{x \mid x > 2\}: the condition
     s = re.sub(r"^(\d+)_\{?\d+\}?$", r"\1", s)                  # 1011_2: the base is implied
-    if s.count("=") == 1:                                       # `x = 1,000`
-        s = re.sub(r"^" + _LHS_VAR + r"\s*=\s*", "", s)
-    if _THOUSANDS_RE.fullmatch(s):
-        s = s.replace(",", "").replace(" ", "")
+    name = re.match(r"^" + _LHS_VAR + r"\s*=\s*", s)
+    value = s[name.end():] if name else s                       # `x = 1,000`: the value's separators
+    if _THOUSANDS_RE.fullmatch(value):
+        s = s[:len(s) - len(value)] + value.replace(",", "").replace(" ", "")
     s = re.sub(r"\s*([^\w\s\\])\s*", r"\1", s)                  # spaces around symbols carry nothing
     return s, percent
 
@@ -2174,6 +2317,7 @@ def _normalize(s: str) -> tuple:
 
 _NUM_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 _FRAC_RE = re.compile(r"([+-]?)(?:\\frac\{([+-]?\d+)\}\{([+-]?\d+)\}|(\d+)/(\d+))")
+_COMMA_DECIMAL_RE = re.compile(r"([+-]?\d+),(\d+)")
 
 
 def _decimal(literal: str):
@@ -2200,6 +2344,16 @@ def _plain_number(s: str):
         if den != 0:
             return Fraction(-num if m.group(1) == "-" else num, den), None
     return None
+
+
+def _comma_decimal(norm: str, raw: str) -> str:
+    """`2,74` spelt with a decimal point, or ''. The caller reads it so only against a single value
+    (see _single_value). A comma followed by a space separates items (`1, 5`), and
+    one followed by exactly three digits groups thousands (`3,500`), unless the integer part is 0."""
+    m = _COMMA_DECIMAL_RE.fullmatch(norm)
+    if not m or re.search(r",\s", raw) or (len(m.group(2)) == 3 and m.group(1).lstrip("+-") != "0"):
+        return ""
+    return f"{m.group(1)}.{m.group(2)}"
 
 
 def _decimal_close(x, dx, y, dy) -> bool:
@@ -2509,7 +2663,7 @@ class _Parser:
 
 def _parse_expr(s: str):
     """sympy expression for `s`; mixed numbers like `2\\frac{1}{2}` mean 2 + 1/2 (GSM8K style)."""
-    s = re.sub(r"(?<![\w.}^_])(\d+)\s*\\frac\{(\d+)\}\{(\d+)\}", r"(\1+\2/\3)", s)
+    s = re.sub(r"(?<![\w.}^_])(\d+)\s*\\frac(?:\{(\d+)\}\{(\d+)\}|(\d)(\d))", r"(\1+\2\4/\3\5)", s)
     return _Parser(s).parse()
 
 
@@ -2627,8 +2781,13 @@ def _same_function(x, y, syms, ratio: bool) -> bool:
 # Structures: tuples, sets, lists, intervals, matrices, equations, inequalities, text
 # ------------------------------------------------------------------------------------------------
 
-_MATRIX_RE = re.compile(r"\\begin\{(\w*matrix|array)\}(?:\{[^{}]*\})?(.*)\\end\{\1\}", re.S)
-_INEQ_RE = re.compile(r"\\le(?![a-zA-Z])|\\ge(?![a-zA-Z])|<|>")
+_MATRIX_RE = re.compile(r"\\begin\{(\w*matrix|array|cases)\}(?:\{[^{}]*\})?(.*)\\end\{\1\}", re.S)
+_INEQ_RE = re.compile(r"\\[lgn]e(?![a-zA-Z])|<|>")
+_VAR_NAME = r"(?:[a-zA-Z]|\\(?:" + "|".join(sorted(_GREEK)) + r"))(?:_\{?\w{1,4}\}?)?"   # x, a_1, \theta
+_VAR = r"(-?)" + _VAR_NAME                                  # the variable of an inequality, maybe negated
+# a math span that only names a variable (not e, i: constants; not capitals: choices, points)
+_LONE_VAR_RE = re.compile(r"(?=[a-df-hj-z\\])" + _VAR_NAME)
+_NAME_RE = re.compile(_LHS_VAR + r"|[a-zA-Z ]+|\(\s*" + _LHS_VAR + r"(?:\s*,\s*" + _LHS_VAR + r")*\s*\)")
 
 
 def _split_top(s: str, sep: str) -> list:
@@ -2666,21 +2825,7 @@ def _text_key(s: str) -> str:
 
 
 def _element(s: str):
-    """One value: ('expr', ((sympy, dec),)), ('eq', lhs - rhs) or ('text', key)."""
-    parts = _split_top(s, "=")
-    if len(parts) > 2:
-        s = parts[-1]                             # a chain: the last member is the result
-    elif len(parts) == 2:
-        lhs, rhs = parts
-        if re.fullmatch(_LHS_VAR + r"|[a-zA-Z ]+", lhs):
-            s = rhs                               # y = 2x + 3, Total = 42
-        elif re.fullmatch(_LHS_VAR, rhs):
-            s = lhs
-        else:
-            left, right = _parse_expr(lhs), _parse_expr(rhs)
-            if left.free_symbols:
-                return ("eq", _add(left, _neg(right)))  # a genuine equation: x + y = 5
-            s = rhs                               # 6/8 = 3/4: the result
+    """One value: ('expr', ((sympy, dec),)) or ('text', key)."""
     if not s or re.search(r"[a-zA-Z]{3,}", re.sub(r"\\[a-zA-Z]+", " ", s)):
         return ("text", _text_key(s))            # words are text, not products of letters
     try:
@@ -2691,6 +2836,29 @@ def _element(s: str):
     return ("expr", ((value, _decimal(s)[1] if m else None),))
 
 
+def _equation(parts: list, depth: int):
+    """`a = b` as ('eq', a - b, value, named), or the right-hand side alone where `a` is no expression
+    (`(p, q) = (3, 2)`, `\\angle A = 30`) or a constant (`6/8 = 3/4`); a chain's last member. Against
+    a gold that is not an equation the value counts: the rhs of `x = 3`, `f(x) = 2x + 3`, `y = 2x + 3`
+    (named: the lhs is a name) and of `x + y = 5` (a constant rhs); against an equation both the
+    value (two named ones) and lhs - rhs up to a factor (`y = x + 1` is `x - y + 1 = 0`)."""
+    lhs, rhs = parts[-2], parts[-1]
+    if len(parts) > 2:
+        return _structure(rhs, depth + 1)
+    if re.fullmatch(_LHS_VAR, rhs) and not re.fullmatch(_LHS_VAR, lhs):
+        lhs, rhs = rhs, lhs                      # 3 = x
+    right = _structure(rhs, depth + 1)
+    try:
+        left = _parse_expr(lhs)
+    except _Unsupported:
+        return right
+    if right[0] != "expr" or not left.free_symbols:
+        return right
+    value = right[1][0][0]
+    named = bool(_NAME_RE.fullmatch(lhs))
+    return ("eq", _add(left, _neg(value)), right if named or not value.free_symbols else None, named)
+
+
 def _interval(lo, hi, left_closed: bool, right_closed: bool):
     # an infinite end is open whatever bracket was written
     inf = lambda item: item[0] == "expr" and item[1][0][0] in (sympy.oo, -sympy.oo)  # noqa: E731
@@ -2698,25 +2866,30 @@ def _interval(lo, hi, left_closed: bool, right_closed: bool):
 
 
 def _inequality(s: str):
-    """x > 3, x \\le 5, -2 < x \\le 5 (one variable) -> an interval; None if not of that shape."""
+    """x > 3, x \\le 5, -2 < x \\le 5 (one variable) -> an interval; x \\ne 3 -> two; None if not of
+    that shape. `-x > -1` is x < 1: a negated variable flips the relation and negates the bounds."""
     ops = _INEQ_RE.findall(s)
     if not 1 <= len(ops) <= 2:
         return None
     parts = [p.strip() for p in _INEQ_RE.split(s)]
-    is_var = [bool(re.fullmatch(r"[a-zA-Z]", p)) for p in parts]
-    less = [op in ("<", "\\le") for op in ops]
+    var = [re.fullmatch(_VAR, p) for p in parts]
+    if sum(map(bool, var)) != 1 or (len(ops) == 2 and not var[1]) or ("\\ne" in ops and len(ops) == 2):
+        return None
+    k = next(i for i, v in enumerate(var) if v)
+    negate = bool(var[k].group(1))
+    bounds = [_structure(f"-({p})" if negate else p, 1) for i, p in enumerate(parts) if i != k]
+    inf, ninf = ("expr", ((sympy.oo, None),)), ("expr", ((-sympy.oo, None),))
+    if ops == ["\\ne"]:
+        return ("set", (_interval(ninf, bounds[0], False, False), _interval(bounds[0], inf, False, False)))
+    less = [(op in ("<", "\\le")) != negate for op in ops]
     closed = [op in ("\\le", "\\ge") for op in ops]
-    inf = ("expr", ((sympy.oo, None),))
-    ninf = ("expr", ((-sympy.oo, None),))
-    if len(ops) == 2 and is_var == [False, True, False] and less[0] == less[1]:
-        a, b = _structure(parts[0], 1), _structure(parts[2], 1)
+    if len(ops) == 2:
+        if less[0] != less[1]:
+            return None
+        a, b = bounds
         return _interval(a, b, closed[0], closed[1]) if less[0] else _interval(b, a, closed[1], closed[0])
-    if len(ops) == 1 and is_var.count(True) == 1:
-        var_left = is_var[0]
-        bound = _structure(parts[1] if var_left else parts[0], 1)
-        upper = less[0] == var_left            # x < b or b > x
-        return _interval(ninf, bound, False, closed[0]) if upper else _interval(bound, inf, closed[0], False)
-    return None
+    upper = less[0] == (k == 0)                  # x < b or b > x
+    return _interval(ninf, bounds[0], False, closed[0]) if upper else _interval(bounds[0], inf, closed[0], False)
 
 
 def _structure(s: str, depth: int = 0):
@@ -2724,10 +2897,15 @@ def _structure(s: str, depth: int = 0):
     s = s.strip()
     if depth > 4:
         raise _TooBig("structure too deep")
-    m = _MATRIX_RE.fullmatch(s)
+    bracketed = len(s) > 2 and s[0] in "([" and s[-1] in ")]"   # \left[\begin{array}{cc}..\end{array}\right]
+    m = _MATRIX_RE.fullmatch(s) or (bracketed and _MATRIX_RE.fullmatch(s[1:-1]))
     if m:
         rows = [r for r in _split_top(m.group(2), "\\\\") if r]
+        if m.group(1) == "cases":                 # a system's solution: x = 2 \\ y = 1 is the list
+            return ("list", _items([r.replace("&", " ") for r in rows], depth))
         return ("matrix", tuple(tuple(_element(c) for c in _split_top(r, "&")) for r in rows))
+    if s.startswith("{") and s.endswith("}") and _wrapped(s):
+        return _structure(s[1:-1], depth + 1)     # {1, 2}: TeX grouping braces carry nothing
     parts = _split_top(s, "\\cup")
     if len(parts) > 1:
         return ("set", _items(parts, depth))
@@ -2748,6 +2926,9 @@ def _structure(s: str, depth: int = 0):
     if 0 < len(pm) <= 3:                          # 1 \pm \sqrt{2}: the two-element list
         k = pm[0]
         return ("list", _items([s[:k] + "+" + s[k + 3:], s[:k] + "-" + s[k + 3:]], depth))
+    parts = _split_top(s, "=")
+    if len(parts) > 1:
+        return _equation(parts, depth)
     return _inequality(s) or _element(s)
 
 
@@ -2791,12 +2972,16 @@ def _match(a, b, deadline: float) -> bool:
         return False
     if ka == "text" or kb == "text":
         return ka == kb and a[1] == b[1]
-    for x, y in ((a, b), (b, a)):                 # {3} or "x = 3" against 3
-        if x[0] in ("list", "set") and len(x[1]) == 1 and y[0] not in _SEQ:
-            return _match(x[1][0], y, deadline)
+    for x, y in ((a, b), (b, a)):
+        if x[0] in ("list", "set") and len(x[1]) == 1 and y[0] not in ("list", "set"):
+            return _match(x[1][0], y, deadline)   # {3} against 3, {(1, 2)} against (1, 2)
+        if x[0] == "eq" and y[0] != "eq":
+            return x[2] is not None and _match(x[2], y, deadline)   # x = 3 or x + y = 5 against 5
     if ka == kb == "expr":
         return any(_values_equal(x, dx, y, dy) for x, dx in a[1] for y, dy in b[1])
     if ka == kb == "eq":
+        if a[3] and b[3] and _match(a[2], b[2], deadline):
+            return True                           # f(x) = 2x + 3 against y = 2x + 3
         syms = sorted(a[1].free_symbols | b[1].free_symbols, key=str)
         return bool(syms) and _same_function(a[1], b[1], syms, ratio=True)
     if ka == kb == "interval":
@@ -2809,9 +2994,11 @@ def _match(a, b, deadline: float) -> bool:
     if ka == kb == "matrix":
         return len(a[1]) == len(b[1]) and all(_ordered(r, s, deadline) for r, s in zip(a[1], b[1]))
     if ka in _SEQ and kb in _SEQ:
+        if {ka, kb} == {"tuple", "set"}:
+            return False                          # (2, 3) is a pair or an interval, not {2, 3}
         if "set" in (ka, kb) or ka == kb == "list":
             return _unordered(a[1], b[1], deadline)
-        return _ordered(a[1], b[1], deadline)
+        return _ordered(a[1], b[1], deadline)    # a list against a tuple: x = 2, y = 3 is (2, 3)
     return False
 
 
@@ -2834,22 +3021,32 @@ def _unordered(xs, ys, deadline) -> bool:
 
 
 _WORDS_RE = re.compile(r"[A-Za-z][A-Za-z .,'\-]*")
-_CHOICE_RE = re.compile(r"\(?([A-E])\)?")
-_CHOICE_PRED_RE = re.compile(r"\(([A-Ea-e])\).*|([A-Ea-e])(?:[).:].*)?", re.S)
+_CHOICE_RE = re.compile(r"(?:\(?[A-E]\)?(?:,\s*|\s+|\s*(?:and|or)\s*)?){1,5}")   # C, (C), ABD, A, C
+_CHOICE_PRED_RE = re.compile(r"\(([A-Ea-e])\).*|([A-Ea-e])(?:[).:].*)?", re.S)     # (B) 14, b: ...
 
 
 @functools.lru_cache(maxsize=8192)
 def _gold(gold: str):
-    """(normalised, percent, plain number alternatives or None, choice letter or None)."""
+    """(normalised, percent, plain number alternatives or None, choice letters or '')."""
     if "####" in gold or _BOX_RE.search(gold):
         gold = gold_answer_from_solution(gold) or ""
     norm, percent = _normalize(gold.strip())
-    return norm, percent, _number_alts(norm, percent), (_CHOICE_RE.fullmatch(norm) or [None, None])[1]
+    return norm, percent, _number_alts(norm, percent), _choices(norm)
+
+
+def _choices(norm: str) -> str:
+    """The sorted letters of a multiple-choice answer (`(C)` -> C, `A, D` -> AD), or ''."""
+    return "".join(sorted(set(re.findall(r"[A-E]", norm)))) if _CHOICE_RE.fullmatch(norm) else ""
 
 
 def _number_alts(norm: str, percent: bool):
     num = _plain_number(norm)
     return None if num is None else _with_percent((num,), percent)
+
+
+def _single_value(num, norm: str, percent: bool) -> bool:
+    """Context for a decimal comma: `2,74` is 2.74 against one value, the list 2, 74 otherwise."""
+    return num is not None or _parsed(norm, percent)[0] in ("expr", "eq")
 
 
 def verify_with_reason(prediction_text: str, gold_answer: str) -> tuple:
@@ -2873,12 +3070,16 @@ def verify_with_reason(prediction_text: str, gold_answer: str) -> tuple:
             return True, f"text match ({how})"         # `No` vs `no`: too short to be seen as text
         if g_choice:                                   # multiple choice: compare the letters only
             m = _CHOICE_PRED_RE.fullmatch(p_norm)
-            letter = m and (m.group(1) or m.group(2)).upper()
-            return letter == g_choice, f"choice {letter} vs {g_choice}"
-        if g_num is not None:
-            p_num = _number_alts(p_norm, p_pct)
-            if p_num is not None:
-                return _numbers_equal(p_num, g_num), f"numbers ({how})"
+            letters = _choices(p_norm) or (m and (m.group(1) or m.group(2)).upper())
+            return letters == g_choice, f"choice {letters} vs {g_choice}"
+        p_num = _number_alts(p_norm, p_pct)
+        p_dec, g_dec = _comma_decimal(p_norm, raw), _comma_decimal(g_norm, gold_answer)
+        if p_dec and not g_dec and _single_value(g_num, g_norm, g_pct):
+            p_norm, p_num = p_dec, _number_alts(p_dec, p_pct)
+        elif g_dec and not p_dec and _single_value(p_num, p_norm, p_pct):
+            g_norm, g_num = g_dec, _number_alts(g_dec, g_pct)
+        if p_num is not None and g_num is not None:
+            return _numbers_equal(p_num, g_num), f"numbers ({how})"
         g_item, p_item = _parsed(g_norm, g_pct), _parsed(p_norm, p_pct)
         if time.perf_counter() > deadline:
             raise _Timeout()

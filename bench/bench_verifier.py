@@ -1,4 +1,5 @@
-"""Throughput of `verify` on ~300 typical (prediction, gold) pairs, next to math-verify.
+"""Throughput of `verify` on ~300 typical (prediction, gold) pairs, next to math-verify; recall and
+specificity on a held-out table of answer formats.
 
     python bench/bench_verifier.py [--repeats 5]
 
@@ -7,9 +8,16 @@ and prediction is parsed anew, as math-verify does it; and with caches kept with
 same for math_verify (PyPI `math-verify`, optional; gold parsed per check), their agreement,
 each one's agreement with the intended labels, and our worst single-check time over adversarial
 inputs. Pairs are generated deterministically (seed 0), half GSM8K-like, half MATH-like.
+
+Then recall (equal pairs accepted) and specificity (unequal pairs rejected) of both on
+bench/verifier_cases.jsonl: hand-labelled pairs in the formats of MATH, NuminaMath and OpenThoughts
+(golds as the datasets store them, `$..$` included; whole model responses), never used by the tests.
+They were written in three batches, each before the verifier changes it prompted, so only a fresh
+batch measures what is not yet handled. Then the pairs on which the two disagree.
 """
 
 import argparse
+import json
 import os
 import random
 import sys
@@ -23,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import verify  # noqa: E402
 
 VERIFIER = sys.modules[verify.__module__]  # _verifier, or common once the code is merged into it
+HELD_OUT = Path(__file__).resolve().parent / "verifier_cases.jsonl"
 
 GSM_TEMPLATES = [
     "Let's compute step by step. First {a} * 2 = {b}. Then we add the rest.\n#### {ans}",
@@ -121,23 +130,76 @@ def bench_ours(pairs, repeats, cold: bool):
     return len(pairs) / best, results
 
 
-def bench_math_verify(pairs, repeats):
+def math_verify_check():
+    """math-verify's check as (prediction, gold) -> bool, or None when it is not installed. A gold
+    without math delimiters is wrapped in `$..$` (its LaTeX extraction needs them)."""
     try:
         from math_verify import parse, verify as mv_verify
     except ImportError:
         return None
+
+    def check(prediction, gold):
+        if not any(d in gold for d in ("$", "\\(", "\\[", "\\boxed")):
+            gold = "$" + gold + "$"
+        try:
+            return bool(mv_verify(parse(gold), parse(prediction)))
+        except Exception:  # noqa: BLE001
+            return False
+    return check
+
+
+def bench_math_verify(pairs, repeats):
+    check = math_verify_check()
+    if check is None:
+        return None
     best, results = float("inf"), None
     for _ in range(max(1, repeats // 2)):
         t0 = time.perf_counter()
-        out = []
-        for p, g, _ in pairs:
-            try:
-                out.append(bool(mv_verify(parse("$" + g + "$"), parse(p))))
-            except Exception:  # noqa: BLE001
-                out.append(False)
+        results = [check(p, g) for p, g, _ in pairs]
         best = min(best, time.perf_counter() - t0)
-        results = out
     return len(pairs) / best, results
+
+
+def recall_specificity(results, labels) -> str:
+    equal = [r for r, e in zip(results, labels) if e]
+    unequal = [r for r, e in zip(results, labels) if not e]
+    return (f"recall {sum(equal)}/{len(equal)} = {sum(equal) / len(equal):.3f}, "
+            f"specificity {len(unequal) - sum(unequal)}/{len(unequal)} = "
+            f"{(len(unequal) - sum(unequal)) / len(unequal):.3f}")
+
+
+def held_out():
+    """Recall and specificity of ours (and math-verify's) on bench/verifier_cases.jsonl."""
+    cases = [json.loads(line) for line in HELD_OUT.read_text().splitlines() if line.strip()]
+    labels = [c["equal"] for c in cases]
+    worst, ours, t_all = 0.0, [], time.perf_counter()
+    for c in cases:
+        clear_caches()
+        t0 = time.perf_counter()
+        ours.append(verify(c["prediction"], c["gold"]))
+        worst = max(worst, time.perf_counter() - t0)
+    ours_rate = len(cases) / (time.perf_counter() - t_all)
+    print(f"held-out {HELD_OUT.name}: {len(cases)} pairs "
+          f"({sum(labels)} equal, {len(cases) - sum(labels)} unequal)")
+    print(f"  ours:        {recall_specificity(ours, labels)}   "
+          f"({ours_rate:.0f} checks/s cold, worst check {worst * 1e3:.1f} ms)")
+    for c, o in zip(cases, ours):
+        if o != c["equal"]:
+            print(f"    ours wrong: intended={c['equal']!s:5} [{c['category']}] gold={c['gold']!r} "
+                  f"pred=...{c['prediction'][-70:]!r}")
+    check = math_verify_check()
+    if check is None:
+        return
+    t_all = time.perf_counter()
+    mv = [check(c["prediction"], c["gold"]) for c in cases]
+    mv_rate = len(cases) / (time.perf_counter() - t_all)
+    print(f"  math_verify: {recall_specificity(mv, labels)}   "
+          f"({mv_rate:.0f} checks/s; ours {ours_rate / mv_rate:.1f}x)")
+    print(f"  agreement ours vs math_verify: {sum(a == b for a, b in zip(ours, mv))}/{len(cases)}")
+    for c, o, m in zip(cases, ours, mv):
+        if o != m:
+            print(f"    differ: ours={o!s:5} math_verify={m!s:5} intended={c['equal']!s:5} "
+                  f"[{c['category']}] gold={c['gold']!r} pred=...{c['prediction'][-70:]!r}")
 
 
 def worst_case(inputs, golds=("1", "x", "\\frac{1}{2}", "(1,2)")):
@@ -193,6 +255,7 @@ def main():
     dt, text = worst_case(ADVERSARIAL)
     print(f"worst single check over {len(ADVERSARIAL)} adversarial inputs x 4 golds: {dt * 1e3:.1f} ms "
           f"({text!r}...)")
+    held_out()
 
 
 if __name__ == "__main__":

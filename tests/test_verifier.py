@@ -261,12 +261,182 @@ CASES = [
 ]
 
 
+LONG = ("Let's solve this step by step.\n\nFirst we write down what we know and set up the equation. "
+        "Expanding and collecting terms, we simplify both sides.\n\n")
+
+# Formats real model outputs and datasets (MATH, NuminaMath, OpenThoughts) use; expected values by hand.
+# (prediction text, gold answer as the dataset stores it, expected)
+FORMAT_CASES = [
+    # --- gold written in math mode (the raw dataset string, delimiters included) ----------------
+    ("\\boxed{\\frac{1}{3}}", "$1/3$", True),
+    ("$[0,1)$", "$[0,1)$", True),
+    ("$[0,1)$", "$[0,1]$", False),
+    (LONG + "Therefore, the final answer is $\\boxed{(1,+\\infty)}$.", "$$(1, +\\infty)$$", True),
+    (LONG + "Therefore, the final answer is $\\boxed{[1,+\\infty)}$.", "$$(1, +\\infty)$$", False),
+    ("The correct option is $\\boxed{E}$.", "$\\text{E}$", True),
+    ("The correct option is $\\boxed{D}$.", "$\\text{E}$", False),
+    ("\\boxed{-\\dfrac{7}{25}}", "$-\\frac{7}{25}$", True),
+    ("\\boxed{\\dfrac{7}{25}}", "$-\\frac{7}{25}$", False),
+    ("\\boxed{2\\sqrt{5}}", "\\(2\\sqrt{5}\\)", True),
+    ("\\boxed{\\frac{9}{4}}", "\\[\\frac{9}{4}\\]", True),
+    ("\\boxed{60^\\circ}", "$60^{\\circ}$", True),
+    ("\\boxed{-2 \\text{ or } 3}", "$-2$ or $3$", True),
+    ("\\boxed{-2}", "$-2$ or $3$", False),
+    ("\\boxed{\\frac{\\sqrt{3}}{2}}", "$\\frac{{\\sqrt{3}}}{2}$", True),
+    # --- final answer in math mode, not boxed ----------------------------------------------------
+    ("Thus $x = \\frac{1}{3}$.", "\\frac{1}{3}", True),
+    ("Thus $x = \\frac{1}{3}$.", "3", False),                      # not the last number, 3
+    ("$\\frac13 $", "$1/3$", True),
+    ("$\\frac13 $", "3", False),
+    (LONG + "Hence the probability is $\\frac{5}{36}$.", "\\frac{5}{36}", True),
+    ("Therefore, the area is \\(6\\sqrt{3}\\).", "6\\sqrt3", True),
+    ("Therefore, the area is \\(6\\sqrt{3}\\).", "3", False),
+    ("We conclude that\n\\[\nx = \\dfrac{7}{2}.\n\\]", "3.5", True),
+    ("Hence $\\frac3{4}$ of the tank is full.", "0.75", True),
+    ("The slope is \\(-\\tfrac{2}{3}\\).", "-2/3", True),
+    ("The slope is \\(-\\tfrac{2}{3}\\).", "2/3", False),
+    ("The length is $\\sqrt3$.", "\\sqrt{3}", True),
+    ("The answer: $\\cfrac{2}{5}$", "0.4", True),
+    ("The vertex is $\\left( \\frac{1}{2}, 3 \\right)$.", "(\\frac12, 3)", True),
+    ("The vertex is $\\left( \\frac{1}{2}, 3 \\right)$.", "(3, \\frac12)", False),
+    ("The radius is $r = 5\\text{ cm}$.", "5", True),
+    ("The speed is $\\textbf{12 km/h}$.", "12", True),
+    ("Thus $\\angle ABC = 45^\\circ$.", "45", True),
+    ("We have $x=2$ and $y=3$, so $x+y=5$.", "5", True),
+    ("Hence $AB = 5$ and $BC = 12$.", "5", False),                 # the last expression is BC = 12
+    ("So $x = 4$, where $x$ is the number of apples.", "4", True),   # `$x$` only names the variable
+    ("The answer is therefore $5$, as required.", "5", True),
+    ("The answer is 3. Checking: $x^2 = 9$.", "3", True),          # the phrase, not a later check
+    ("The limit is $e$.", "e", True),
+    ("So the area is $\\pi$.", "\\pi", True),
+    # --- the last-number fallback never reads a number out of an expression ----------------------
+    (LONG + "Therefore, the ratio is $\\frac{1+\\sqrt{5}}{2}$.", "$2$", False),
+    ("The ratio is (1+sqrt(5))/2", "2", False),
+    ("so x^2", "2", False),
+    ("It equals 2x", "2", False),
+    ("So he has 5 + 3 = 8 apples left.", "8", True),
+    ("So she saved 25 000 dollars.", "25000", True),
+    ("The probability is .4 overall", "0.4", True),
+    ("The temperature dropped to -5 degrees.", "-5", True),
+    # --- bare predictions (no delimiters at all) --------------------------------------------------
+    ("\\frac{1}{3}", "$\\frac13$", True),
+    ("(0,9)", "[0,9)", False),                                        # an interval's closedness matters
+    ("[0,9)", "(0,9)", False),
+    ("[0,9)", "$[0, 9)$", True),
+    ("x \\geq 5", "[5,+\\infty)", True),
+    ("y = 2x + 1", "$y=2x+1$", True),
+    ("**42**", "42", True),
+    ("**42**", "24", False),
+    # --- several boxes: the final group is one unordered answer ----------------------------------
+    ("The solutions are \\boxed{(2, 2)} and \\boxed{(6, 2)}.", "(2,2), (6,2)", True),
+    ("The solutions are \\boxed{(2, 2)} and \\boxed{(6, 2)}.", "(6,2), (2,2)", True),
+    ("The solutions are \\boxed{(2, 2)} and \\boxed{(6, 2)}.", "(2,2)", False),
+    ("The solutions are \\boxed{(2, 2)} and \\boxed{(6, 2)}.", "(2,2), (2,6)", False),
+    ("\\boxed{1} and \\boxed{2} and \\boxed{3}", "\\{1,2,3\\}", True),
+    ("\\boxed{1} and \\boxed{2} and \\boxed{3}", "\\{1,2\\}", False),
+    ("So $x = \\boxed{-1}$ or $x = \\boxed{4}$.", "$x=-1$ or $x=4$", True),
+    ("So $x = \\boxed{-1}$ or $x = \\boxed{4}$.", "4", False),
+    ("Hence $a = \\boxed{2}$ and $b = \\boxed{-3}$.", "(2, -3)", True),      # in order against a tuple
+    ("Hence $a = \\boxed{2}$ and $b = \\boxed{-3}$.", "(-3, 2)", False),
+    ("(1) $\\boxed{\\frac12}$\n(2) $\\boxed{\\frac12}$", "\\frac{1}{2}", True),  # one answer, repeated
+    ("$\\boxed{\\sqrt2}$,\\ $\\boxed{-\\sqrt2}$", "\\pm\\sqrt{2}", True),
+    ("I guessed \\boxed{4}. That is wrong; recomputing, the answer is \\boxed{5}.", "5", True),
+    ("I guessed \\boxed{4}. That is wrong; recomputing, the answer is \\boxed{5}.", "4, 5", False),
+    ("The roots are $2$ and $3$.", "2, 3", True),                       # math spans group the same way
+    ("The roots are $2$ and $3$.", "3", False),
+    # --- assignments and relations ---------------------------------------------------------------
+    ("\\boxed{(p,q)=(3,2)}", "(3,2)", True),
+    ("\\boxed{(p,q)=(3,2)}", "(2,3)", False),
+    ("$k = \\frac{1}{3}$", "\\frac13", True),
+    ("\\boxed{x \\geq 5}", "x \\ge 5", True),
+    ("\\boxed{x >= 5}", "[5, \\infty)", True),
+    ("\\boxed{x >= 5}", "(5, \\infty)", False),
+    ("\\boxed{5 \\leq x}", "x\\geq 5", True),
+    ("\\boxed{5 \\leq x}", "x\\leq 5", False),
+    ("\\boxed{x \\lt 2}", "x<2", True),
+    ("\\boxed{2 \\gt x}", "x<2", True),
+    ("\\boxed{x \\neq 3}", "x != 3", True),
+    ("\\boxed{x \\neq 3}", "(-\\infty,3)\\cup(3,\\infty)", True),
+    ("\\boxed{x \\neq 3}", "x = 3", False),
+    ("\\boxed{-x > -1}", "x < 1", True),
+    ("\\boxed{-x > -1}", "x > 1", False),
+    ("\\boxed{x \\in [-2, 7]}", "[-2,7]", True),
+    ("\\boxed{x \\in (-2, 7]}", "[-2,7]", False),
+    ("\\boxed{x \\approx 11}", "11", True),
+    ("\\boxed{x \\approx 11}", "12", False),
+    ("\\boxed{\\{x \\mid x > 2\\}}", "(2,+\\infty)", True),
+    ("\\boxed{(2,+\\infty)}", "$\\{x|x \\geq 2\\}$", False),
+    ("\\boxed{-1 \\le a \\le 3}", "[-1,3]", True),
+    ("\\boxed{-1 < a \\le 3}", "[-1,3]", False),
+    ("\\boxed{m < -1 \\text{ or } m > 3}", "(-\\infty,-1)\\cup(3,+\\infty)", True),
+    ("\\boxed{y = x + 1}", "$x-y+1=0$", True),                       # one line, written two ways
+    ("\\boxed{y = x + 1}", "$x+y+1=0$", False),
+    ("\\boxed{x = 3}", "$x - 3 = 0$", True),
+    ("\\boxed{f(x) = x^2}", "f(x)=x^{2}", True),
+    ("\\boxed{f(x) = -x^2}", "f(x)=x^{2}", False),
+    ("\\boxed{a_n = 2n - 1}", "2n-1", True),
+    ("\\boxed{\\begin{cases} x = 2 \\\\ y = 1 \\end{cases}}", "(2, 1)", True),
+    ("\\boxed{\\begin{cases} x = 2 \\\\ y = 1 \\end{cases}}", "(1, 2)", False),
+    # --- matrices: element-wise ------------------------------------------------------------------
+    ("\\boxed{\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}}",
+     "\\begin{bmatrix}1&2\\\\3&4\\end{bmatrix}", True),
+    ("\\boxed{\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}}",
+     "\\begin{bmatrix}1&3\\\\2&4\\end{bmatrix}", False),
+    ("\\boxed{\\left[\\begin{array}{cc} 1 & 0 \\\\ 0 & 1 \\end{array}\\right]}",
+     "\\begin{pmatrix}1&0\\\\0&1\\end{pmatrix}", True),
+    ("\\boxed{\\left[\\begin{array}{cc} 1 & 0 \\\\ 0 & 1 \\end{array}\\right]}",
+     "\\begin{pmatrix}0&1\\\\1&0\\end{pmatrix}", False),
+    ("\\boxed{\\begin{pmatrix} \\frac{1}{2} \\\\ -\\frac{3}{2} \\end{pmatrix}}",
+     "\\begin{pmatrix}0.5\\\\-1.5\\end{pmatrix}", True),
+    ("\\boxed{\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}}", "\\begin{pmatrix}1&2\\end{pmatrix}", False),
+    ("The vector is $\\begin{pmatrix} 1 \\\\ 2 \\\\ 3 \\end{pmatrix}$.", "(1,2,3)", True),
+    # --- numbers as people write them ------------------------------------------------------------
+    ("\\boxed{11,\\! 111,\\! 111,\\! 100}", "11111111100", True),
+    ("\\boxed{11,\\! 111,\\! 111,\\! 100}", "11111111101", False),
+    ("\\boxed{1 000}", "1000", True),
+    ("\\boxed{1\\ 000}", "1000", True),
+    ("\\boxed{.4}", "0.4", True),
+    ("\\boxed{.4}", "4", False),
+    ("\\boxed{2,74}", "2.74", True),                                # a decimal comma, against one value
+    ("\\boxed{2,74}", "274", False),
+    ("\\boxed{2,74}", "2, 74", True),                               # ... and a list against a list
+    ("\\boxed{0,5}", "$\\frac{1}{2}$", True),
+    ("\\boxed{3{,}14}", "3.14", True),
+    ("\\boxed{3,500}", "3.5", False),                               # three digits: thousands
+    ("\\boxed{1, 5}", "1.5", False),                                # a space: a list
+    ("\\boxed{2.5}", "2", False),
+    ("\\boxed{2}", "2.5", False),
+    ("\\boxed{5\\text{ m}}", "5", True),
+    ("\\boxed{9.8 \\, \\text{m/s}^2}", "9.8", True),
+    ("\\boxed{2\\frac34}", "2.75", True),
+    # --- text answers and choices ----------------------------------------------------------------
+    ("\\boxed{\\text{odd}}", "$odd$", True),
+    ("\\boxed{\\text{odd}}", "$even$", False),
+    ("\\boxed{\\text{E}}", "E", True),
+    ("$\\text{(B)}$", "B", True),
+    ("$\\text{(B)}$", "C", False),
+    ("\\boxed{B, D}", "BD", True),
+    ("\\boxed{BD}", "$\\text{BD}$", True),
+    ("\\boxed{D}", "BD", False),
+    ("\\boxed{ABD}", "ABC", False),
+    ("\\boxed{\\text{Friday}}", "Friday", True),
+    # --- sets, tuples, intervals -----------------------------------------------------------------
+    ("\\boxed{\\{(1, 2)\\}}", "(1,2)", True),
+    ("\\boxed{(2, 3)}", "\\{2, 3\\}", False),                       # a pair or an interval, not a set
+    ("\\boxed{[2, 3]}", "\\{2, 3\\}", False),
+    ("\\boxed{(-\\infty, 3]}", "$(-\\infty, 3)$", False),
+    ("\\boxed{\\{2, 3\\}}", "{2, 3}", True),
+]
+
+
 def test_table_is_large_and_balanced():
     assert len(CASES) >= 150
     assert sum(1 for *_, expect in CASES if not expect) >= 50
+    assert len(FORMAT_CASES) >= 100
+    assert sum(1 for *_, expect in FORMAT_CASES if not expect) >= 40
 
 
-@pytest.mark.parametrize("prediction,gold,expected", CASES)
+@pytest.mark.parametrize("prediction,gold,expected", CASES + FORMAT_CASES)
 def test_table(prediction, gold, expected):
     t0 = time.perf_counter()
     ok, reason = verify_with_reason(prediction, gold)
@@ -285,6 +455,16 @@ def test_table(prediction, gold, expected):
     ("we get 3, then 4, and finally -2.5.", "-2.5"),
     ("nothing here", None),
     ("", None),
+    ("\\boxed{(2, 2)} and \\boxed{(6, 2)}", "(2, 2), (6, 2)"),
+    ("First \\boxed{5}, but on reflection \\boxed{6}.", "6"),
+    ("\\boxed{7} and \\boxed{7}", "7"),
+    ("Thus $x = \\frac{1}{3}$.", "x = \\frac{1}{3}"),
+    ("The roots are $2$ and $3$.", "2, 3"),
+    ("So $x = 4$, where $x$ is the count.", "x = 4"),
+    ("She paid $5 for apples and $3 for pears.", "3"),
+    ("[0, 1)", "[0, 1)"),
+    ("Therefore the ratio is (1+sqrt(5))/2", None),
+    ("So the total is 1 000 000 people.", "1 000 000"),
 ])
 def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
@@ -296,6 +476,7 @@ def test_extract_answer(text, expected):
     ("He has 1,234 left.\n#### 1,234", "1234"),
     ("So the area is $\\boxed{\\frac{\\sqrt{3}}{2}}$.", "\\frac{\\sqrt{3}}{2}"),
     ("First \\boxed{1} then \\boxed{(1, 2)}", "(1, 2)"),
+    ("The solutions are $\\boxed{1}$ and $\\boxed{-3}$.", "1, -3"),
     ("\\frac{14}{3}", "\\frac{14}{3}"),
     ("broken \\boxed{12", None),
     ("", None),
