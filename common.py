@@ -1278,7 +1278,7 @@ def checkpoint_finished(checkpoint, epochs: int) -> bool:
 
 # ---- what both stages do ------------------------------------------------------------------------
 
-def add_training_args(group, *, epochs: int, lr: float, batch_size: int = 256, micro_batch: int = 64) -> None:
+def add_training_args(group, *, epochs: int, lr: float, batch_size: int, micro_batch: int = 64) -> None:
     """The optimisation flags both stages share (their defaults differ)."""
     group.add_argument("--epochs", type=int, default=epochs, help="passes over D")
     group.add_argument("--batch-size", type=int, default=batch_size, help="rollouts per optimizer step (global)")

@@ -54,7 +54,7 @@ def parse_args(argv=None):
     data.add_argument("--split", default="test", help="dataset split")
     data.add_argument("--num-prompts", type=int, default=None, help="seeded subset (default: all)")
     data.add_argument("--samples", type=int, default=8, help="k: samples per problem")
-    data.add_argument("--max-new-tokens", type=int, default=64, help="response length limit")
+    data.add_argument("--max-new-tokens", type=int, default=32, help="response length limit (real models: ~2048)")
     data.add_argument("--max-prompt-len", type=int, default=1024, help="longer prompts are skipped")
     data.add_argument("--temperature", type=float, default=1.0,
                       help="sampling and scoring temperature (0: greedy, with --samples 1)")

@@ -53,12 +53,14 @@ def student1(plain1, tmp_path_factory):
 
 
 def same_teacher_logprobs(run_a: Path, run_b: Path) -> None:
-    """The shards' log pi_T of every token agree: scored in each run's own micro-batch layout (other padding,
-    so other float32 summation), by teachers equal to PARITY_TOL; log-probs down to ~ -20 after lr 1."""
+    """The shards' log pi_T of every token agree, by teachers equal to PARITY_TOL: a logit sums ~H * 3
+    weights times activations of order 1 (H = 128), so PARITY_TOL-sized weight differences move it by up
+    to ~1e-3; each run also scores in its own micro-batch layout (other padding, other summation order).
+    A row misplaced or scored by another model is off by O(1)."""
     rows_a, rows_b = common.read_teacher_shards(run_a / "shards")[1], common.read_teacher_shards(run_b / "shards")[1]
     assert [r["response_ids"] for r in rows_a] == [r["response_ids"] for r in rows_b]
     for a, b in zip(rows_a, rows_b):
-        torch.testing.assert_close(a["logp_teacher"], b["logp_teacher"], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a["logp_teacher"], b["logp_teacher"], rtol=1e-3, atol=2e-3)
 
 
 def test_sampling_under_torchrun_gives_every_prompt_exactly_g_times(d2):

@@ -18,6 +18,8 @@ TINY = Path(common.DEFAULT_MODEL)
 
 @pytest.fixture(scope="module")
 def qwen2(tmp_path_factory):
+    """A random 2-layer Qwen2 with the tiny tokenizer, and a D sampled from it whose rewards are set by hand
+    (a random model's answers are never right): mixed within every group, so every step has signal."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     folder = tmp_path_factory.mktemp("qwen2")
@@ -26,12 +28,20 @@ def qwen2(tmp_path_factory):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          tie_word_embeddings=True, bos_token_id=0, eos_token_id=1, pad_token_id=2)
     Qwen2ForCausalLM(config).save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json", "erpd.json"):
         shutil.copy(TINY / name, folder / name)
-    # single-digit answers: the random model's last digit is right now and then, so groups carry signal
-    g = torch.Generator().manual_seed(0)
-    rows = [{"prompt": f"{i}+0", "answer": str(int(torch.randint(0, 10, (1,), generator=g)))} for i in range(12)]
-    (folder / "digits.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model, tokenizer = common.load_model(str(folder))
+    problems = [{"prompt": f"{i}+0", "answer": str(i), "index": i} for i in range(12)]
+    prompt = common.prompt_format(tokenizer, default=common.recorded_prompt_format(str(folder)))
+    problems = common.encode_problems(tokenizer, problems, 64, "qwen2", prompt)
+    ctx = common.Context(0, 0, 1, torch.device("cpu"))
+    rollouts = common.sample_and_score(model, tokenizer, problems, 8, ctx=ctx, seed=0, max_new_tokens=16,
+                                       temperature=1.0)
+    for r in rollouts:
+        r["reward"] = float(r["sample_index"] % 3 == 0)
+    erpd_stage1.write_rollouts(folder / "d" / "rollouts", rollouts, {p["index"]: p for p in problems}, {
+        **common.fingerprints(model, tokenizer), "samples_per_prompt": 8, "num_rows": len(rollouts),
+        "prompt_format": prompt, "temperature": 1.0, "top_p": 1.0, "data": "synthetic", "model": str(folder)})
     return folder
 
 
@@ -49,13 +59,10 @@ def test_qwen2_logits_paths(qwen2):
 
 
 def test_qwen2_fsdp_two_processes_match_one(qwen2, tmp_path):
-    args = ["--model", qwen2, "--data", qwen2 / "digits.jsonl", "--num-prompts", "12", "--samples-per-prompt", "8",
-            "--max-new-tokens", "16", "--epochs", "2", "--teacher-loss", "ppo", "--batch-size", "40",
+    args = ["--model", qwen2, "--rollouts", qwen2 / "d", "--epochs", "2", "--teacher-loss", "ppo", "--batch-size", "40",
             "--micro-batch", "8", "--eval-every", "0", "--kl-rollouts", "8", *PARITY_OPTIMIZER]
     launch("erpd_stage1.py", *args, "--out", tmp_path / "plain")
-    rows = [json.loads(line) for line in (tmp_path / "plain" / "rollouts" / "rollouts.jsonl").read_text().splitlines()]
-    assert 0 < sum(r["reward"] for r in rows) < len(rows)
-    launch("erpd_stage1.py", *args, "--rollouts", tmp_path / "plain", "--fsdp", "--out", tmp_path / "fsdp", nproc=2)
+    launch("erpd_stage1.py", *args, "--fsdp", "--out", tmp_path / "fsdp", nproc=2)
     assert_same_steps(tmp_path / "plain", tmp_path / "fsdp")
     assert max_weight_diff(tmp_path / "plain" / "teacher", tmp_path / "fsdp" / "teacher") <= PARITY_TOL
     assert max_weight_diff(tmp_path / "plain" / "teacher", qwen2) > 1e-2  # it trained

@@ -187,9 +187,9 @@ def test_micro_batching_and_world_layout_do_not_change_a_step_of_the_real_loop()
         (loss_1, w_1), *others = results
         update = max((a - b).abs().max().item() for a, b in zip(w_1, model.parameters()))
         assert update > 1e-4, name
-        for loss_k, w_k in others:  # float32 summation order only: differences ~1e-6 of the update
+        for loss_k, w_k in others:  # float32 summation order: ~1e-6 of the update, plus a few ulps of w ~ 1
             assert loss_k == pytest.approx(loss_1, rel=1e-5, abs=1e-7), name
-            assert max((a - b).abs().max().item() for a, b in zip(w_1, w_k)) <= 1e-5 * update, name
+            assert max((a - b).abs().max().item() for a, b in zip(w_1, w_k)) <= 1e-5 * update + 5e-7, name
 
 
 # ---- the flags end to end (in this process: the runs are small) -------------------------------------
