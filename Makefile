@@ -45,8 +45,8 @@ experiments: $(VENV)/.experiments  ## finished runs in runs/experiments/full are
 experiments-quick: $(VENV)/.experiments  ## report in runs/experiments/quick/report (the committed one stays)
 	$(BIN)/python experiments/run.py --preset quick --jobs $(JOBS)
 
-test: $(VENV)/.dev
-	$(BIN)/python -m pytest -q tests
+test: $(VENV)/.dev  ## two workers, a test file each: most tests wait on subprocesses that leave a core free
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 bench: $(VENV)/.dev
 	for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

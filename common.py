@@ -1157,7 +1157,7 @@ def train_step(model, optimizer, rollouts: list[dict], batch: list[int], loss_fn
         packed = pack_rollouts([rollouts[i] for i in indices], pad_id, device)
         logp, entropy = response_logprobs(model, packed, temperature, chunked_lm_head, with_entropy=True)
         loss, mb_stats = loss_fn(indices, packed, logp, counts)
-        if is_padding:
+        if is_padding:  # no gradient, but the backward's collectives keep every rank in step
             (loss * 0.0).backward()
             continue
         loss.backward()

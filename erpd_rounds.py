@@ -54,7 +54,7 @@ def main(argv=None):
     for k in range(1, args.rounds + 1):
         stage1, stage2 = out / f"round{k}" / "stage1", out / f"round{k}" / "stage2"
         run("erpd_stage1.py", ["--model", base, "--data-seed", str(args.first_data_seed + k - 1), "--out", stage1,
-                               *shlex.split(args.stage1)], stage1 / "teacher", args.nproc)
+                               *shlex.split(args.stage1)], stage1 / "shards" / "manifest.json", args.nproc)
         if args.stage1_only:
             base = str(stage1 / "teacher")
         else:
@@ -74,9 +74,10 @@ def main(argv=None):
 
 
 def run(script: str, flags: list, finished: Path, nproc: int) -> None:
-    """One stage as its own process; skipped when its model is there, resumed when it started before."""
+    """One stage as its own process; skipped when its last output (stage 1's shard manifest, written after
+    the teacher and pi_U; stage 2's student) is there, resumed when it started before."""
     out = Path(flags[flags.index("--out") + 1])
-    if finished.is_dir():
+    if finished.exists():
         print(f"{finished} exists: skipped", flush=True)
         return
     resume = ["--resume"] if out.is_dir() and any(out.iterdir()) else []

@@ -47,28 +47,26 @@ NO_CLIP = 1e6  # "no clip" for --eps / --clip-c: far beyond any ratio or delta t
 
 # Every size the study chooses, per preset. stage1 / stage2 / eval: flags added to every run of that script
 # ([] = the scripts' defaults: D = --num-prompts x --samples-per-prompt, stage 2's epochs and lr, ...).
-# Estimates on the 2-core build machine, one torch thread per run (measured unit costs: an epoch over D of the
-# default 2,048 rollouts ~12.5 s, a 16-epoch teacher ~4 min, a student ~1 min, one model's evaluation ~10 s):
-# full ~3 h of step time, so ~1.5 h at --jobs 2; quick ~14 min of step time, ~8 min at --jobs 2.
+# Wall times are measured and written into the report (per experiment), not estimated here.
 PRESETS = {
     "full": dict(
         seeds=[0, 1, 2],
         stage1=[], stage2=[], eval=[],
-        curve_epochs=16,        # stage-1 epochs of every teacher: long enough for the drift (default 12)
-        eval_every=4,           # curve points (held-out accuracy, teacher snapshots) every k epochs
-        curve_eval_prompts=200, curve_eval_samples=4,   # each curve point: problems x samples, T = 1
-        eval_prompts=None,      # eval_math problems (None: the whole held-out set)
+        curve_epochs=6,         # stage-1 epochs of every teacher: stage 1's default (the demo's teacher)
+        eval_every=1,           # curve points (held-out accuracy, teacher snapshots) every k epochs: the default
+        curve_eval_prompts=200, curve_eval_samples=4,   # each curve point: problems x samples, T = 1 (defaults)
+        eval_prompts=None,      # eval_math problems (None: the whole held-out set, 400)
         eval_samples=8,         # eval_math samples per problem (mean@k), T = 1
         kl_coefs=[0.01, 0.1, 1.0],   # E2, besides 0
         grpo_rounds=4,          # on-policy GRPO: D's rollouts in this many rounds (num-prompts / k prompts each)
         erpd_rounds=3,          # E6
         eps=[0.05, 0.5, NO_CLIP], clip_c=[0.5, NO_CLIP],  # E7, besides the defaults (eps 0.2, c 2)
         experiments=list(EXPERIMENTS)),
-    "quick": dict(  # D a quarter of the default, batches too: the same 8 optimizer steps per epoch as full
+    "quick": dict(  # D a quarter of the default, batches too: the same 32 optimizer steps per epoch as full
         seeds=[0, 1, 2],
-        stage1=["--num-prompts", "64", "--batch-size", "64"], stage2=["--batch-size", "64"], eval=[],
-        curve_epochs=8, eval_every=2, curve_eval_prompts=100, curve_eval_samples=4,
-        eval_prompts=100, eval_samples=8,
+        stage1=["--num-prompts", "64", "--batch-size", "16"], stage2=["--batch-size", "16"], eval=[],
+        curve_epochs=6, eval_every=1, curve_eval_prompts=100, curve_eval_samples=4,
+        eval_prompts=200, eval_samples=8,
         kl_coefs=[0.01, 0.1, 1.0], grpo_rounds=4, erpd_rounds=3, eps=[0.05, 0.5, NO_CLIP], clip_c=[0.5, NO_CLIP],
         experiments=["E1", "E3"]),
     "smoke": dict(  # the test's: micro sizes, one seed (only here), checks the path, not the claims

@@ -14,7 +14,11 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))  # CI's 2 cores, unless told otherwise
+# CI's 2 cores, unless told otherwise. Under pytest-xdist (make test runs 2 workers) every process gets one thread:
+# two processes spinning 2 threads each on 2 cores slow each other down many times over.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"  # and every script the tests launch
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
 
 def pytest_configure(config):

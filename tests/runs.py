@@ -112,6 +112,13 @@ def kill_after_first_checkpoint(script, args, checkpoint: Path, nproc: int = 1):
     pytest.fail("the run finished or stalled before it could be killed mid-way")
 
 
+def run_ok(script: str, *args) -> str:
+    """run_in_process, which must succeed; its stdout."""
+    code, out, err = run_in_process(script, *args)
+    assert code == 0, err[-3000:]
+    return out
+
+
 def max_weight_diff(a: Path, b: Path) -> float:
     """Largest absolute difference between two saved models' weights (the same keys required)."""
     wa, wb = load_file(str(Path(a) / "model.safetensors")), load_file(str(Path(b) / "model.safetensors"))

@@ -10,7 +10,7 @@ import common
 from common import (
     build_shard, encode_prompt, load_model, pack_rollouts, read_teacher_shards, response_logprobs,
     sample_responses, write_shard)
-from runs import launch, run_in_process
+from runs import launch, run_in_process, run_ok
 
 QUESTIONS = ["3+4", "12*3-5", "7-2*3+9", "1+1", "45-6*7+8*2", "9*9"]
 
@@ -140,12 +140,13 @@ def test_stage1_writes_teacher_shards_rollouts_and_curves(stage1):
 
 
 def test_stage2_and_eval_end_to_end(stage1, tmp_path):
-    launch("erpd_stage2.py", "--teacher", stage1, "--out", tmp_path / "s2", "--epochs", "2", "--eval-every", "0",
+    run_ok("erpd_stage2.py", "--teacher", stage1, "--out", tmp_path / "s2", "--epochs", "2", "--eval-every", "0",
         "--batch-size", "16", "--micro-batch", "8", "--kl-rollouts", "16")
     assert (tmp_path / "s2" / "student" / "model.safetensors").is_file()
-    launch("erpd_stage2.py", "--teacher", stage1, "--signal", "unlearned", "--out", tmp_path / "s2u", "--epochs", "1",
-        "--eval-every", "0", "--kl-rollouts", "0")
-    launch("eval_math.py", "--model", f"base={common.DEFAULT_MODEL}", "--model", f"teacher={stage1 / 'teacher'}",
+    code, _, err = run_in_process("erpd_stage2.py", "--teacher", stage1, "--signal", "unlearned", "--out",
+                                  tmp_path / "s2u", "--epochs", "1", "--eval-every", "0", "--kl-rollouts", "0")
+    assert code == 0, err[-2000:]
+    run_ok("eval_math.py", "--model", f"base={common.DEFAULT_MODEL}", "--model", f"teacher={stage1 / 'teacher'}",
         "--model", f"student={tmp_path / 's2' / 'student'}", "--num-prompts", "8", "--samples", "2",
         "--max-new-tokens", "32", "--json", tmp_path / "eval.json")
     result = json.loads((tmp_path / "eval.json").read_text())["models"]

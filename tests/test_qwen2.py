@@ -11,7 +11,7 @@ import torch
 
 import common
 import erpd_stage1
-from runs import PARITY_OPTIMIZER, PARITY_TOL, assert_same_steps, launch, max_weight_diff
+from runs import PARITY_OPTIMIZER, PARITY_TOL, assert_same_steps, launch, max_weight_diff, run_ok
 
 TINY = Path(common.DEFAULT_MODEL)
 
@@ -61,7 +61,7 @@ def test_qwen2_logits_paths(qwen2):
 def test_qwen2_fsdp_two_processes_match_one(qwen2, tmp_path):
     args = ["--model", qwen2, "--rollouts", qwen2 / "d", "--epochs", "2", "--teacher-loss", "ppo", "--batch-size", "40",
             "--micro-batch", "8", "--eval-every", "0", "--kl-rollouts", "8", *PARITY_OPTIMIZER]
-    launch("erpd_stage1.py", *args, "--out", tmp_path / "plain")
+    run_ok("erpd_stage1.py", *args, "--out", tmp_path / "plain")
     launch("erpd_stage1.py", *args, "--fsdp", "--out", tmp_path / "fsdp", nproc=2)
     assert_same_steps(tmp_path / "plain", tmp_path / "fsdp")
     assert max_weight_diff(tmp_path / "plain" / "teacher", tmp_path / "fsdp" / "teacher") <= PARITY_TOL

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 import common
 import erpd_stage1
-from runs import kill_after_first_checkpoint, launch, max_weight_diff, run_in_process
+from runs import kill_after_first_checkpoint, max_weight_diff, run_in_process, run_ok
 
 STAGE1 = ["--num-prompts", "8", "--samples-per-prompt", "4", "--max-new-tokens", "32", "--epochs", "3",
           "--batch-size", "8", "--micro-batch", "4", "--eval-every", "0", "--kl-rollouts", "32",
@@ -21,15 +21,17 @@ STAGE2 = ["--epochs", "3", "--batch-size", "8", "--micro-batch", "4", "--eval-ev
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
-    launch("erpd_stage1.py", "--out", out / "s1", *STAGE1)
-    launch("erpd_stage2.py", "--teacher", out / "s1", "--out", out / "s2", *STAGE2)
+    run_ok("erpd_stage1.py", "--out", out / "s1", *STAGE1)
+    run_ok("erpd_stage2.py", "--teacher", out / "s1", "--out", out / "s2", *STAGE2)
     return out
 
 
+@pytest.mark.slow
 def test_stage1_killed_and_resumed_matches_uninterrupted(uninterrupted, tmp_path):
     state = kill_after_first_checkpoint("erpd_stage1.py", ["--out", tmp_path, *STAGE1], tmp_path / "checkpoint-teacher")
     assert not (tmp_path / "teacher").exists() and state["epoch"] <= 3
-    launch("erpd_stage1.py", "--out", tmp_path, "--resume", *STAGE1)
+    code, _, err = run_in_process("erpd_stage1.py", "--out", tmp_path, "--resume", *STAGE1)
+    assert code == 0, err[-2000:]
     assert max_weight_diff(uninterrupted / "s1" / "teacher", tmp_path / "teacher") <= 1e-6
     full = json.loads((uninterrupted / "s1" / "shards" / "manifest.json").read_text())
     resumed = json.loads((tmp_path / "shards" / "manifest.json").read_text())
@@ -46,11 +48,13 @@ def test_stage1_killed_and_resumed_matches_uninterrupted(uninterrupted, tmp_path
     assert json.loads((tmp_path / "shards" / "manifest.json").read_text())["shards"] == resumed["shards"]
 
 
+@pytest.mark.slow
 def test_stage2_killed_and_resumed_matches_uninterrupted(uninterrupted, tmp_path):
     args = ["--teacher", uninterrupted / "s1", "--out", tmp_path, *STAGE2]
     kill_after_first_checkpoint("erpd_stage2.py", args, tmp_path / "checkpoint")
     assert not (tmp_path / "student").exists()
-    launch("erpd_stage2.py", "--resume", *args)
+    code, _, err = run_in_process("erpd_stage2.py", "--resume", *args)
+    assert code == 0, err[-2000:]
     assert max_weight_diff(uninterrupted / "s2" / "student", tmp_path / "student") <= 1e-6
 
 

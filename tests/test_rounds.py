@@ -47,8 +47,9 @@ def test_stage1_only_rounds_sample_each_round_from_the_last_teacher(tmp_path, mo
 
     def fake_run(script, flags, finished, nproc):
         calls.append((script, flags))
-        finished.mkdir(parents=True)
-        (finished / "erpd.json").write_text(json.dumps({"lineage": []}))
+        teacher = Path(flags[flags.index("--out") + 1]) / "teacher"
+        teacher.mkdir(parents=True)
+        (teacher / "erpd.json").write_text(json.dumps({"lineage": []}))
     monkeypatch.setattr(erpd_rounds, "run", fake_run)
     erpd_rounds.main(["--rounds", "3", "--stage1-only", "--out", str(tmp_path), "--stage1", "--teacher-loss ppo"])
     assert [script for script, _ in calls] == ["erpd_stage1.py"] * 3

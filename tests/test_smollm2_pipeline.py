@@ -10,7 +10,7 @@ from common import (
     DEFAULT_INSTRUCTION, encode_problems, encode_prompt, load_model, load_problems, pack_rollouts, prompt_format,
     recorded_prompt_format, response_logprobs, sample_responses)
 from smollm2 import smollm2_folder, smollm2_truncated_folder
-from runs import launch
+from runs import launch, run_ok
 
 DATA = Path(__file__).parent / "data" / "gsm8k_style.jsonl"
 
@@ -33,7 +33,8 @@ def test_prompt_is_chat_templated_and_eos_ends_the_response(smol):
     # the instruction that asks for a boxed final answer is in the user's turn the model sees
     assert "<|im_start|>user\n" + problem["prompt"] + "\n" + DEFAULT_INSTRUCTION + "<|im_end|>" in text
     assert tokenizer.pad_token_id == tokenizer.eos_token_id  # the pad == EOS case, for real
-    [resp] = sample_responses(model, [ids], max_new_tokens=224, temperature=0.0, top_p=1.0,
+    ids = encode_prompt(tokenizer, "What is the capital of France?")  # a short answer (8 tokens), then EOS
+    [resp] = sample_responses(model, [ids], max_new_tokens=16, temperature=0.0, top_p=1.0,
                               stop_ids=[tokenizer.eos_token_id], pad_id=tokenizer.pad_token_id,
                               generator=torch.Generator().manual_seed(0))
     assert not resp["truncated"] and resp["response_ids"][-1] == tokenizer.eos_token_id
@@ -58,6 +59,7 @@ def test_batched_greedy_equals_one_at_a_time(smol):
     assert greedy(prompts) == [greedy([p])[0] for p in prompts]
 
 
+@pytest.mark.slow
 def test_three_scripts_end_to_end_on_smollm2(tmp_path):
     """Stage 1, stage 2 and evaluation on SmolLM2's real BPE tokenizer, chat template, pad == EOS and tied
     head, with its first 2 of 30 decoder layers (the tests above run the whole model)."""
@@ -68,9 +70,9 @@ def test_three_scripts_end_to_end_on_smollm2(tmp_path):
         "--epochs", "1", "--batch-size", "4", "--teacher-loss", "ce", "--out", tmp_path / "s1")
     manifest = json.loads((tmp_path / "s1" / "shards" / "manifest.json").read_text())
     assert manifest["num_rows"] == 4
-    launch("erpd_stage2.py", *common_args, "--teacher", tmp_path / "s1", "--epochs", "1", "--batch-size", "4",
+    run_ok("erpd_stage2.py", *common_args, "--teacher", tmp_path / "s1", "--epochs", "1", "--batch-size", "4",
         "--out", tmp_path / "s2")
-    launch("eval_math.py", "--model", f"student={tmp_path / 's2' / 'student'}", "--ref", folder, "--data", DATA,
+    run_ok("eval_math.py", "--model", f"student={tmp_path / 's2' / 'student'}", "--ref", folder, "--data", DATA,
         "--num-prompts", "2", "--samples", "2", "--max-new-tokens", "24", "--json", tmp_path / "eval.json")
     metrics = json.loads((tmp_path / "eval.json").read_text())["models"]["student"]
     assert 0 <= metrics["accuracy"] <= 1 and metrics["token_kl_to_ref"] >= 0 and metrics["mean_length"] > 0
