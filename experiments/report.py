@@ -279,8 +279,10 @@ def e3(res: Results, fig_dir: Path) -> dict:
         return {}
     acc = {n: res.accuracy(n) for n in names}
     kl = {n: res.metric(n, "kl_to_ref") for n in names}
-    claims = [analysis.claim_e3(res.diff("student", "teacher_best"), analysis.ratio_over_seeds(
-                  res.entries("student"), res.entries("teacher_best"), "kl_to_ref")),
+    claims = [analysis.claim_e3(res.diff("student", "teacher_end"), analysis.ratio_over_seeds(
+                  res.entries("student"), res.entries("teacher_end"), "kl_to_ref")),
+              analysis.claim_e3(res.diff("student", "teacher_best"), analysis.ratio_over_seeds(
+                  res.entries("student"), res.entries("teacher_best"), "kl_to_ref"), best_epoch=True),
               analysis.claim_e3_samples(res.diff("student", "grpo"), res.diff("student", "conservative")),
               analysis.claim_e3_kl(res.diff("student", "grpo"), res.diff("student", "conservative"),
                                    res.kl_diff("student", "grpo"), res.kl_diff("student", "conservative"))]

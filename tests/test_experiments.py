@@ -55,7 +55,8 @@ CURVES = {"sapo": ([0.40, 0.46, 0.41], [0.0, 0.02, 0.06], [0.10, 0.09, 0.06]),
           "ce": ([0.40, 0.47, 0.42], [0.0, 0.02, 0.05], [0.10, 0.09, 0.07]),
           "mse": ([0.40, 0.38, 0.35], [0.0, 0.01, 0.02], [0.10, 0.10, 0.10]),
           0.1: ([0.40, 0.43, 0.41], [0.0, 0.01, 0.015], [0.10, 0.095, 0.09])}
-EXPECTED = {"C1": "reproduced", "C2": "reproduced", "C3": "reproduced", "C3b": "reproduced", "C3c": "reproduced",
+EXPECTED = {"C1": "reproduced", "C2": "reproduced", "C3": "reproduced", "C3e": "reproduced", "C3b": "reproduced",
+            "C3c": "reproduced",
             "C4": "not reproduced", "C5": "mixed", "C6": "reproduced", "C7": "reproduced"}
 
 
