@@ -442,9 +442,12 @@ def write_teacher_shards(directory, rollouts: list[dict], signals: dict[str, lis
 
 
 def shards_to_keep(directory, finished: bool, ctx) -> bool:
-    """A resumed run keeps the shards a previous run finished (every rank's file intact, sha256 checked)
-    when no training is left to do; otherwise they hold a teacher this run is about to change."""
-    return all(all_gather_objects(bool(finished and intact_shard(Path(directory) / shard_file_name(ctx))), ctx))
+    """A resumed run keeps the shards a previous run finished (every rank's file intact, sha256 checked, and
+    the manifest rank 0 writes last) when no training is left to do; otherwise they hold a teacher this run
+    is about to change, or a kill stopped before the manifest."""
+    directory = Path(directory)
+    complete = finished and (directory / "manifest.json").is_file() and intact_shard(directory / shard_file_name(ctx))
+    return all(all_gather_objects(bool(complete), ctx))
 
 
 def read_teacher_shards(directory, base_fingerprint: str | None = None,
@@ -862,7 +865,7 @@ def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator
 @torch.no_grad()
 def sample_responses(model, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
                      top_p: float, stop_ids: list[int], pad_id: int, generator,
-                     batch_size: int = 64, show_progress: bool = False) -> list[dict]:
+                     batch_size: int = 64, show_progress: bool = False, desc: str = "sampling") -> list[dict]:
     """Sample one response per prompt with the KV cache: [{"response_ids", "truncated"}].
 
     Prompts are left-padded with an attention mask and explicit position ids, so a row's output
@@ -880,7 +883,7 @@ def sample_responses(model, prompts: list[list[int]], *, max_new_tokens: int, te
     # one autocast around the whole loop: its cache then keeps the weights' bf16 copies across the
     # per-token forwards (an autocast per forward would re-cast every weight at every token)
     with autocast_of(model):
-        for start in progress(range(0, len(order), batch_size), enabled=show_progress, desc="sampling"):
+        for start in progress(range(0, len(order), batch_size), enabled=show_progress, desc=desc):
             batch = order[start:start + batch_size]
             ids, mask, positions = left_pad([prompts[i] for i in batch], pad_id, device)
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
@@ -929,7 +932,7 @@ def sample_and_score(model, tokenizer, problems: list[dict], samples_per_prompt:
         responses = sample_responses(
             model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             stop_ids=stop_token_ids(model, tokenizer), pad_id=tokenizer.pad_token_id, generator=generator,
-            batch_size=batch_size, show_progress=ctx.is_main) if prompts else []
+            batch_size=batch_size, show_progress=ctx.is_main, desc=desc) if prompts else []
     rollouts = []
     for k, resp in enumerate(responses):
         p = mine[k // samples_per_prompt]
@@ -1086,8 +1089,7 @@ def drift_metrics(policy, rollouts: list[dict], indices: list[int], *, ctx, pad_
     fraction of them outside [1 - eps, 1 + eps] (what stage 2's clip does not bound)."""
     if not indices:  # the same on every rank: no rank enters a collective alone
         return {}
-    mine = indices[ctx.rank::ctx.world]
-    micro_batches = [mine[s:s + micro_batch] for s in range(0, len(mine), micro_batch)]
+    micro_batches = my_micro_batches(indices, ctx, micro_batch)
     offload = ref_model is not None and not is_sharded(ref_model)  # load_reference keeps it on CPU
     try:
         if offload:
@@ -1711,11 +1713,16 @@ def release_locks() -> None:
         _held_locks.pop().unlink(missing_ok=True)
 
 
+def shard_folder(teacher_dir) -> Path:
+    """A stage-1 --out folder's shards/, or the folder itself when it is the shard folder."""
+    directory = Path(teacher_dir)
+    return directory / "shards" if (directory / "shards").is_dir() else directory
+
+
 def manifest_sha256(teacher_dir) -> str | None:
     """sha256 of a stage-1 folder's shard manifest (None when it has none): what a student's lineage record
     holds to know that the folder still holds the shards it was distilled from."""
-    directory = Path(teacher_dir)
-    manifest = (directory / "shards" if (directory / "shards").is_dir() else directory) / "manifest.json"
+    manifest = shard_folder(teacher_dir) / "manifest.json"
     return sha256_file(manifest) if manifest.is_file() else None
 
 
@@ -1761,14 +1768,14 @@ def atomic_write_text(path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_shard(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+def write_shard(path, tensors: dict[str, torch.Tensor]) -> str:
     """Write safetensors atomically (temp file, then rename); return the file's sha256."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
     digest = sha256_file(tmp)
     os.replace(tmp, path)
     atomic_write_text(path.with_name(path.name + ".sha256"), digest)  # written last: the shard is complete
@@ -1837,7 +1844,8 @@ def check_finite(value: torch.Tensor, what: str) -> None:
 
 def replace_dir(tmp: Path, directory: Path) -> None:
     """Put the finished folder `tmp` in place of `directory` with renames: a crash at any moment leaves
-    the old folder or the new one, whole (the old one is deleted only after the swap)."""
+    the new folder or the old one whole (the old one is deleted only after the swap; a crash between the
+    two renames leaves it as .NAME.old<pid>, next to the finished tmp folder)."""
     import shutil
 
     old = directory.with_name(f".{directory.name}.old{os.getpid()}")

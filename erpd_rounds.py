@@ -24,7 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import DEFAULT_MODEL, InputError, run_main
+from common import DEFAULT_MODEL, InputError, atomic_write_text, run_main
 
 ROOT = Path(__file__).resolve().parent
 
@@ -47,8 +47,11 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
+    if args.rounds < 1:
+        raise InputError(f"--rounds {args.rounds}: give at least 1")
+    given = {token.split("=", 1)[0] for token in shlex.split(args.stage1) + shlex.split(args.stage2)}
     for flag in ("--model", "--out", "--teacher", "--data-seed"):
-        if flag in shlex.split(args.stage1) + shlex.split(args.stage2):
+        if flag in given:
             raise InputError(f"{flag} in --stage1 / --stage2: the rounds set it for every round")
     base, models = args.model, {"base": args.model}
     for k in range(1, args.rounds + 1):
@@ -65,7 +68,7 @@ def main(argv=None):
         print(f"round {k}: {base}", flush=True)
     record = {"original_base": args.model, "models": models,
               "lineage": json.loads((Path(base) / "erpd.json").read_text())["lineage"]}
-    (out / "rounds.json").write_text(json.dumps(record, indent=1))
+    atomic_write_text(out / "rounds.json", json.dumps(record, indent=1))
     if args.eval:
         evaluation = out / "eval.json"
         subprocess.run([sys.executable, str(ROOT / "eval_math.py"), *[f"--model={n}={m}" for n, m in models.items()],

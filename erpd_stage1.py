@@ -21,7 +21,7 @@ What it leaves out, on purpose: a learning-rate schedule (constant lr), an infer
 (the model's own KV-cache loop), an experiment tracker (metrics are JSON lines), reward models (the
 verifier is the reward), and dynamic sampling or filtering of D (D is fixed once sampled).
 
-Writes OUT/rollouts/ (D, reusable with --rollouts), OUT/teacher/ (save_pretrained), OUT/shards/
+Writes OUT/rollouts/ (D, reusable with --rollouts; not copied when D itself came from --rollouts), OUT/teacher/ (save_pretrained), OUT/shards/
 (safetensors per rank + manifest.json), OUT/checkpoint-teacher/ and OUT/metrics.jsonl.
 
     python erpd_stage1.py                                  # embedded tiny default, CPU, ~2 min
@@ -79,7 +79,7 @@ def parse_args(argv=None):
     add_prompt_args(data)
     data.add_argument("--max-prompt-len", type=int, default=1024, help="longer prompts are skipped or fatal")
     data.add_argument("--long-prompts", choices=["skip", "error"], default="skip",
-                      help="what to do with prompts over --max-prompt-len")
+                      help="what to do with D's prompts over --max-prompt-len (held-out ones are skipped)")
     add_diagnostic_args(p.add_argument_group("diagnostics"), eval_every=1)
     add_system_args(p.add_argument_group("system: precision, parallelism, resume"), training=True)
     return p.parse_args(argv)
@@ -194,6 +194,10 @@ def sample_d(args, ctx, out: Path, model, tokenizer, ids):
     source = str(saved) if args.resume and (saved / "meta.json").is_file() else args.rollouts
     if source:  # D was sampled before: by an interrupted run of this OUT, or by another run
         rollouts, meta = read_rollouts(source, ids)
+        for key in ("temperature", "top_p"):  # log pi_0 and the shards must score the distribution D came from
+            if meta.get(key) != getattr(args, key):
+                raise InputError(f"--rollouts {source}: D was sampled at {key} {meta.get(key)}, this run has "
+                                 f"--{key.replace('_', '-')} {getattr(args, key)}; give the same value")
         if "prompt_format" not in meta:
             raise InputError(f"--rollouts {source}: meta.json records no prompt format (an older version wrote "
                              "it); sample D again")

@@ -37,7 +37,8 @@ from common import (
     DEFAULT_MODEL, InputError, add_diagnostic_args, add_prompt_args, add_system_args, add_training_args, aggregate,
     check_lineage, distill_token_advantages, drift_diagnostics, epoch0_layout, fingerprints, finish_output,
     kl_penalty, lineage, load_policy, load_reference, log_ratio, manifest_sha256, pad_rows, ppo_clip_loss,
-    prompt_format, read_teacher_shards, run_main, save_pretrained_atomic, score_logprobs, start_run, train_epochs,
+    prompt_format, read_teacher_shards, run_main, save_pretrained_atomic, score_logprobs, shard_folder, start_run,
+    train_epochs,
     training_options, use_chunked_lm_head)
 
 
@@ -60,7 +61,7 @@ def parse_args(argv=None):
     data.add_argument("--max-new-tokens", type=int, default=32, help="response length limit (real models: ~1024)")
     data.add_argument("--sample-batch-size", type=int, default=128, help="sequences per sampling batch")
     add_prompt_args(data)
-    data.add_argument("--max-prompt-len", type=int, default=1024, help="longer prompts are skipped or fatal")
+    data.add_argument("--max-prompt-len", type=int, default=1024, help="longer held-out prompts are skipped")
     add_diagnostic_args(p.add_argument_group("diagnostics"), eval_every=1)
     add_system_args(p.add_argument_group("system: precision, parallelism, resume"), training=True)
     return p.parse_args(argv)
@@ -149,7 +150,7 @@ def load_signal(args, ids: dict):
               "none": lambda r: torch.zeros_like(r["logp_base"])}[args.signal]
     rollouts, delta, first = None, None, None
     for directory, w in zip(args.teacher, weights):
-        shard_dir = Path(directory) / "shards" if (Path(directory) / "shards").is_dir() else Path(directory)
+        shard_dir = shard_folder(directory)
         manifest, rows = read_teacher_shards(shard_dir, ids["base_fingerprint"], ids["tokenizer_fingerprint"])
         if args.signal == "unlearned" and "logp_unlearned" not in manifest["signals"]:
             raise InputError(f"{shard_dir}: --signal unlearned needs log pi_U, which these shards lack "

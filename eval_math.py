@@ -35,8 +35,8 @@ import torch
 
 from common import (
     DEFAULT_MODEL, DEFAULT_TEST_DATA, InputError, add_prompt_args, add_system_args, atomic_write_text, check_lineage,
-    encode_problems, init_distributed, load_model, load_problems, model_kwargs, progress, prompt_format,
-    recorded_prompt_format, run_main, sample_and_score, score_rollouts, set_seed)
+    encode_problems, init_distributed, load_model, load_problems, model_kwargs, my_micro_batches, progress,
+    prompt_format, recorded_prompt_format, run_main, sample_and_score, score_rollouts, set_seed)
 
 METRICS = ("accuracy", "pass_at_k", "kl_to_ref", "token_kl_to_ref", "entropy", "mean_length", "truncated")
 BOOTSTRAP_RESAMPLES = 2000
@@ -128,8 +128,7 @@ def evaluate(model, ref, tokenizer, problems, args, ctx) -> dict:
                                 top_p=args.top_p, batch_size=args.sample_batch_size)
     scores = None
     if args.temperature > 0:  # greedy samples come from no distribution: nothing to score them under
-        mine = list(range(ctx.rank, len(rollouts), ctx.world))
-        micro_batches = [mine[s:s + args.micro_batch] for s in range(0, len(mine), args.micro_batch)]
+        micro_batches = my_micro_batches(list(range(len(rollouts))), ctx, args.micro_batch)
         scores = score_rollouts(model, rollouts, micro_batches, pad_id=tokenizer.pad_token_id,
                                 temperature=args.temperature, ctx=ctx, ref_model=ref, desc="scoring vs ref")
     return summarize(rollouts, scores, args.samples, args.seed)
@@ -148,10 +147,13 @@ def main(argv=None):
     if any("=" not in s for s in specs):
         raise InputError(f"--model expects NAME=PATH, got {[s for s in specs if '=' not in s]}")
     names = [s.split("=", 1) for s in specs]
+    repeated = sorted({n for n, _ in names if [m for m, _ in names].count(n) > 1})
+    if repeated:
+        raise InputError(f"--model: the name {repeated[0]} is given twice; every model needs its own NAME")
     ref_name = next((n for n, path in names if same_model(path, args.ref)), None)
     if ref_name is None:  # the paired differences need the ref's outcomes on the same problems
-        ref_name = "ref"
-        names.append(["ref", args.ref])
+        ref_name = next(n for n in ("ref", "ref_model", "reference") if n not in {m for m, _ in names})
+        names.append([ref_name, args.ref])
     if args.top_p < 1 and ctx.is_main:
         print(f"warning: --top-p {args.top_p}: samples come from the nucleus-truncated distribution; the KL and "
               "entropy columns score the untruncated softmax(logits / T)", file=sys.stderr)

@@ -86,3 +86,11 @@ def test_greedy_with_several_samples_is_refused():
 
     code, _, err = run_in_process("eval_math.py", "--temperature", "0", "--samples", "4")
     assert code == 2 and "greedy samples of one problem are all the same" in err
+
+
+def test_a_name_given_twice_is_refused(tmp_path):
+    from runs import run_in_process
+
+    code, _, err = run_in_process("eval_math.py", "--model", "a=tiny/model", "--model", "a=tiny/model",
+                                  "--json", tmp_path / "e.json")
+    assert code == 2 and "--model: the name a is given twice" in err and not (tmp_path / "e.json").exists()

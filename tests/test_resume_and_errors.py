@@ -46,6 +46,11 @@ def test_stage1_killed_and_resumed_matches_uninterrupted(uninterrupted, tmp_path
     code, out, _ = run_in_process("erpd_stage1.py", "--out", tmp_path, "--resume", *STAGE1)
     assert code == 0 and "kept the finished shards" not in out
     assert json.loads((tmp_path / "shards" / "manifest.json").read_text())["shards"] == resumed["shards"]
+    # ... or when the run was killed before rank 0 wrote the manifest, which comes last
+    (tmp_path / "shards" / "manifest.json").unlink()
+    code, out, _ = run_in_process("erpd_stage1.py", "--out", tmp_path, "--resume", *STAGE1)
+    assert code == 0 and "kept the finished shards" not in out
+    assert json.loads((tmp_path / "shards" / "manifest.json").read_text())["shards"] == resumed["shards"]
 
 
 @pytest.mark.slow

@@ -38,6 +38,17 @@ def test_two_rounds_chain_bases_draw_fresh_prompts_and_evaluate_against_the_orig
     assert proc.stdout.count("exists: skipped") == 4
 
 
+def test_flags_the_rounds_set_and_zero_rounds_are_refused(tmp_path):
+    import erpd_rounds
+
+    for flags, message in [(["--stage1=--model=other"], "--model in --stage1 / --stage2"),
+                           (["--stage2", "--out other"], "--out in --stage1 / --stage2"),
+                           (["--rounds", "0"], "--rounds 0: give at least 1")]:
+        with pytest.raises(common.InputError, match=message):
+            erpd_rounds.main(["--out", str(tmp_path), *flags])
+    assert not any(tmp_path.iterdir())
+
+
 def test_stage1_only_rounds_sample_each_round_from_the_last_teacher(tmp_path, monkeypatch):
     """On-policy GRPO as rounds of stage 1 alone: each round's teacher is the next round's base, each round
     draws prompts with a data seed of its own (the commands, without running them)."""

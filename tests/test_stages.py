@@ -281,6 +281,8 @@ def test_d_reused_records_its_real_shape_and_prompt_format(d_small, tmp_path):
     code, _, err = run_in_process("erpd_stage1.py", "--rollouts", d_small, "--instruction", "Box it.",
                                   "--out", tmp_path / "x")
     assert code == 2 and "--instruction 'Box it.' contradicts the prompt format recorded in" in err
+    code, _, err = run_in_process("erpd_stage1.py", "--rollouts", d_small, "--temperature", "0.7", "--out", tmp_path / "t")
+    assert code == 2 and "D was sampled at temperature 1.0, this run has --temperature 0.7" in err
     code, _, err = run_in_process("erpd_stage2.py", "--teacher", d_small, "--instruction", "Box it.",
                                   "--out", tmp_path / "y")
     assert code == 2 and "contradicts the prompt format recorded in" in err
