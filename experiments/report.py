@@ -155,6 +155,9 @@ def errorbar(ax, x: dict, y: dict, label: str, **kw):
     ax.errorbar([x["mean"]], [y["mean"]], xerr=xerr, yerr=yerr, fmt="o", capsize=3, label=label, **kw)
 
 
+KL_LINEAR_BELOW = 0.1  # figures' KL axes: linear from 0 to here (the base sits at 0), logarithmic above
+
+
 def figure_points(points: list[tuple[str, dict, dict]], xlabel: str, title: str, path: Path) -> str:
     """Accuracy against KL, one point per model, with 95% intervals in both axes."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
@@ -162,7 +165,8 @@ def figure_points(points: list[tuple[str, dict, dict]], xlabel: str, title: str,
         if kl["mean"] is not None and acc["mean"] is not None:
             errorbar(ax, kl, acc, label)
             ax.annotate(label, (kl["mean"], acc["mean"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
-    ax.set_xlabel(xlabel)
+    ax.set_xscale("symlog", linthresh=KL_LINEAR_BELOW)  # KL spans 0 to ~100: the near-base models would overlap
+    ax.set_xlabel(f"{xlabel}, log scale above {KL_LINEAR_BELOW:g}")
     ax.set_ylabel("held-out accuracy (T = 1)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -177,7 +181,8 @@ def figure_e2(rows: list[tuple[float, dict]], path: Path) -> str:
             continue
         errorbar(ax, r["kl_final"], r["peak"], f"kl-coef {coef:g}: peak", color=f"C{i}")
         errorbar(ax, r["kl_final"], r["final"], f"kl-coef {coef:g}: end", color=f"C{i}", mfc="none")
-    ax.set_xlabel("exact token KL to the base on D, at the end")
+    ax.set_xscale("symlog", linthresh=KL_LINEAR_BELOW / 100)  # from ~0.003 (kl-coef 1) to ~4 (kl-coef 0)
+    ax.set_xlabel(f"exact token KL to the base on D, at the end, log scale above {KL_LINEAR_BELOW / 100:g}")
     ax.set_ylabel("held-out accuracy (T = 1)")
     ax.set_title("E2: peak (filled) and final (open) accuracy against KL")
     ax.grid(alpha=0.3)
