@@ -124,3 +124,19 @@ def test_chunked_path_under_autocast_scores_exactly_what_training_computes():
         assert torch.equal(s["logp"], train_logp[row, :len(rollouts[row]["response_ids"])].detach())
     model.erpd_autocast = None  # the same path in float32 differs: autocast really was applied
     assert (common.response_logprobs(model, batch, 0.9, chunked_lm_head=True) - train_logp).abs().max() > 1e-4
+
+
+def test_scoring_against_a_reference_with_the_chunked_flag_gives_the_full_columns():
+    """score_rollouts(chunked_lm_head=True, ref_model=...) (eval and the drift curves with --chunked-lm-head):
+    the KL needs both models' full logits, so it scores through them, and the columns are those of the
+    unchunked call; against itself the exact KL is 0."""
+    torch.manual_seed(0)
+    model, tokenizer = common.load_model(common.DEFAULT_MODEL)
+    rollouts = [{"prompt_ids": list(range(5, 9 + i)), "response_ids": list(range(10, 16 + 2 * i))} for i in range(3)]
+    ctx = common.Context(0, 0, 1, torch.device("cpu"))
+    score = dict(pad_id=tokenizer.pad_token_id, temperature=0.9, ctx=ctx, ref_model=model)
+    chunked = common.score_rollouts(model, rollouts, [[0, 1, 2]], chunked_lm_head=True, **score)
+    plain = common.score_rollouts(model, rollouts, [[0, 1, 2]], **score)
+    for c, p in zip(chunked, plain):
+        assert set(c) == {"logp", "entropy", "ref_logp", "kl"} and all(torch.equal(c[k], p[k]) for k in c)
+        assert c["kl"].abs().max() < 1e-6 and torch.equal(c["logp"], c["ref_logp"])
