@@ -21,8 +21,9 @@ What it leaves out, on purpose: a learning-rate schedule (constant lr), an infer
 (the model's own KV-cache loop), an experiment tracker (metrics are JSON lines), reward models (the
 verifier is the reward), and dynamic sampling or filtering of D (D is fixed once sampled).
 
-Writes OUT/rollouts/ (D, reusable with --rollouts; not copied when D itself came from --rollouts), OUT/teacher/ (save_pretrained), OUT/shards/
-(safetensors per rank + manifest.json), OUT/checkpoint-teacher/ and OUT/metrics.jsonl.
+Writes OUT/rollouts/ (D, reusable with --rollouts; not copied when D itself came from --rollouts),
+OUT/teacher/ (save_pretrained), OUT/shards/ (safetensors per rank + manifest.json), OUT/checkpoint-teacher/
+and OUT/metrics.jsonl.
 
     python erpd_stage1.py                                  # embedded tiny default, CPU, ~2 min
     torchrun --nproc_per_node 8 erpd_stage1.py --model Qwen/Qwen2.5-Math-1.5B-Instruct \\

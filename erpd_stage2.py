@@ -38,8 +38,7 @@ from common import (
     check_lineage, distill_token_advantages, drift_diagnostics, epoch0_layout, fingerprints, finish_output,
     kl_penalty, lineage, load_policy, load_reference, log_ratio, manifest_sha256, pad_rows, ppo_clip_loss,
     prompt_format, read_teacher_shards, run_main, save_pretrained_atomic, score_logprobs, shard_folder, start_run,
-    train_epochs,
-    training_options, use_chunked_lm_head)
+    train_epochs, training_options, use_chunked_lm_head)
 
 
 def parse_args(argv=None):

@@ -147,12 +147,13 @@ def main(argv=None):
     if any("=" not in s for s in specs):
         raise InputError(f"--model expects NAME=PATH, got {[s for s in specs if '=' not in s]}")
     names = [s.split("=", 1) for s in specs]
-    repeated = sorted({n for n, _ in names if [m for m, _ in names].count(n) > 1})
+    given = [n for n, _ in names]
+    repeated = sorted({n for n in given if given.count(n) > 1})
     if repeated:
         raise InputError(f"--model: the name {repeated[0]} is given twice; every model needs its own NAME")
     ref_name = next((n for n, path in names if same_model(path, args.ref)), None)
     if ref_name is None:  # the paired differences need the ref's outcomes on the same problems
-        ref_name = next(n for n in ("ref", "ref_model", "reference") if n not in {m for m, _ in names})
+        ref_name = next(n for n in ("ref", "ref_model", "reference") if n not in given)
         names.append([ref_name, args.ref])
     if args.top_p < 1 and ctx.is_main:
         print(f"warning: --top-p {args.top_p}: samples come from the nucleus-truncated distribution; the KL and "
